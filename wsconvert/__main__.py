@@ -1,0 +1,3 @@
+from wsconvert.cli.app import main
+
+main()

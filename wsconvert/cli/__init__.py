@@ -1,0 +1,1 @@
+"""The ``wsconvert`` command line. Only wiring and rendering live here; the math is in the library."""

@@ -1,0 +1,44 @@
+"""The Typer app: wires the commands, nothing else."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from wsconvert import __version__
+from wsconvert.cli import apply, demo, inspect
+
+HELP = """Weight Standardization for models you already have (arXiv:1903.10520).
+
+\b
+Examples:
+  wsconvert demo                                     # whole pipeline on the bundled example
+  wsconvert apply model.pt --model pkg.nets:build    # WS on a state dict's convs
+  wsconvert inspect model.ws.pt --json               # per-layer WS status and filter stats
+"""
+
+app = typer.Typer(name="wsconvert", help=HELP, no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_enable=False, rich_markup_mode=None)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"wsconvert {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True, help="Show the version and exit.")] = False
+          ) -> None:
+    """Weight Standardization for models you already have."""
+
+
+app.command("apply", no_args_is_help=True)(apply.apply_cmd)
+app.command("inspect", no_args_is_help=True)(inspect.inspect_cmd)
+app.command("demo")(demo.demo_cmd)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,64 @@
+"""``wsconvert inspect``: per-layer WS status and how far each layer's filters are from standardized."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from wsconvert.cli._common import (
+    AllowClassOpt,
+    CheckpointArg,
+    JsonOpt,
+    ModelKwargsOpt,
+    ModelOpt,
+    Output,
+    TrustOpt,
+    escape,
+    guarded,
+)
+
+
+def _table(layers: list[dict[str, Any]], title: str) -> Any:
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for col in ("layer", "kind", "shape", "fan-in", "WS", "max |mean|", "std range"):
+        table.add_column(col, justify="right" if col in ("fan-in", "max |mean|") else "left")
+    for r in layers:
+        if r["ws"] == "wsconvert":
+            ws = f"[green]{r['convention']} eps={r['eps']:g} init={r['init']}[/]"
+        else:
+            ws = "[yellow]foreign WS layer[/]" if r["ws"] == "foreign" else "-"
+
+        table.add_row(escape(r["name"] or "<root>"), r["kind"],
+                      "x".join(str(s) for s in r["shape"]), str(r["fan_in"]), ws,
+                      f"{r['mean_abs_max']:.3g}", f"{r['std_min']:.3g} .. {r['std_max']:.3g}")
+    return table
+
+
+@guarded
+def inspect_cmd(
+    checkpoint: CheckpointArg,
+    model: ModelOpt = None,
+    model_kwargs: ModelKwargsOpt = None,
+    trust: TrustOpt = False,
+    allow_class: AllowClassOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show each conv / linear layer: kind, shape, fan-in, WS status, filter mean and std.
+
+    \b
+    Example:
+      wsconvert inspect model.ws.pt
+    """
+    from wsconvert.checkpoint import load_model
+    from wsconvert.inspection import inspect_model
+
+    out = Output(as_json)
+    loaded = load_model(checkpoint, model, model_kwargs, trust=trust,
+                        allow_classes=allow_class or ())
+    layers = [info.to_dict() for info in inspect_model(loaded.model)]
+    n_ws = sum(1 for r in layers if r["ws"] == "wsconvert")
+    out.data({"input": str(checkpoint), "source": loaded.source, "layers": layers,
+              "ws_layers": n_ws})
+    out.result(_table(layers, f"Layers of {escape(checkpoint)} ({loaded.source})"))
+    out.result(f"{len(layers)} conv/linear layer(s), {n_ws} with WS")

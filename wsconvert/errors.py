@@ -1,0 +1,54 @@
+"""Typed errors raised by the library; the CLI maps each to a one-line message and an exit code."""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointError",
+    "ConversionError",
+    "ModelSpecError",
+    "OutputExistsError",
+    "ParityFailure",
+    "UntrustedCheckpointError",
+    "UsageError",
+    "WsconvertError",
+]
+
+
+class WsconvertError(Exception):
+    """Base of every error the library raises on purpose.
+
+    ``exit_code`` is what the CLI exits with: 2 for bad input or usage, 1 for a check that ran and
+    failed.
+    """
+
+    exit_code: int = 2
+
+
+class UsageError(WsconvertError):
+    """An argument value that cannot work (unknown convention, malformed shape, bad glob...)."""
+
+
+class CheckpointError(WsconvertError):
+    """A checkpoint that cannot be read, or whose contents do not fit the model."""
+
+
+class UntrustedCheckpointError(CheckpointError):
+    """A checkpoint that would run code when loaded, and ``trust`` was not given."""
+
+
+class ModelSpecError(WsconvertError):
+    """A ``MODULE:FACTORY`` model spec that cannot be imported or called."""
+
+
+class ConversionError(WsconvertError):
+    """A model that cannot be converted as asked (already standardized, nothing to convert...)."""
+
+
+class OutputExistsError(WsconvertError):
+    """An output path exists and overwriting was not allowed."""
+
+
+class ParityFailure(WsconvertError):
+    """A parity or graph check ran and failed."""
+
+    exit_code = 1
