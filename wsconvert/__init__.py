@@ -32,12 +32,18 @@ _EXPORTS = {
 __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:
-    from wsconvert.checkpoint import load, load_model, save
-    from wsconvert.conventions import CONVENTIONS, standardize_weight
-    from wsconvert.errors import WsconvertError
-    from wsconvert.inspection import inspect_model
-    from wsconvert.surgery import ApplyReport, LayerRecord, apply_ws
-    from wsconvert.ws import WeightStandardization, accumulate
+    from wsconvert.checkpoint import load as load
+    from wsconvert.checkpoint import load_model as load_model
+    from wsconvert.checkpoint import save as save
+    from wsconvert.conventions import CONVENTIONS as CONVENTIONS
+    from wsconvert.conventions import standardize_weight as standardize_weight
+    from wsconvert.errors import WsconvertError as WsconvertError
+    from wsconvert.inspection import inspect_model as inspect_model
+    from wsconvert.surgery import ApplyReport as ApplyReport
+    from wsconvert.surgery import LayerRecord as LayerRecord
+    from wsconvert.surgery import apply_ws as apply_ws
+    from wsconvert.ws import WeightStandardization as WeightStandardization
+    from wsconvert.ws import accumulate as accumulate
 
 
 def __getattr__(name: str) -> Any:

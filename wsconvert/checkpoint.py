@@ -148,9 +148,10 @@ def read_checkpoint(path: str | os.PathLike[str], *, trust: bool = False,
     p = Path(path)
     _check_file(p)
     if trust:
+        _cwd_importable()
         loader: Callable[[], Any] = lambda: torch.load(p, map_location="cpu", weights_only=False)  # noqa: E731
     else:
-        allowed = [_import_class(q) for q in allow_classes]
+        allowed: list[Any] = [_import_class(q) for q in allow_classes]
 
         def loader() -> Any:
             with torch.serialization.safe_globals(allowed):
@@ -159,14 +160,17 @@ def read_checkpoint(path: str | os.PathLike[str], *, trust: bool = False,
         with _quiet_warnings():
             return loader()
     except pickle.UnpicklingError as exc:
-        if trust or "weights_only" not in str(exc).lower() and "Weights only" not in str(exc):
-            raise CheckpointError(f"{p}: {_describe_unreadable(p, exc)}") from None
         names = _unsafe_globals(p)
+        if trust or not names:
+            raise CheckpointError(f"{p}: {_describe_unreadable(p, exc)}") from None
         shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
         raise UntrustedCheckpointError(
-            f"{p}: loading would import {shown or 'arbitrary code'} (unpickling runs code); pass "
+            f"{p}: loading would import {shown} (unpickling runs code); pass "
             "--trust if you trust this file, or --allow-class MODULE.CLASS for each class"
         ) from None
+    except ModuleNotFoundError as exc:
+        raise CheckpointError(f"{p}: the pickled model needs module {exc.name!r}, which is not "
+                              "importable from here") from None
     except (RuntimeError, EOFError, OSError, ValueError, AttributeError, KeyError, TypeError,
             IndexError, UnicodeDecodeError, OverflowError, MemoryError, zipfile.BadZipFile,
             ImportError) as exc:
@@ -202,7 +206,8 @@ def build_model(spec: str, kwargs: Mapping[str, Any] | str | None = None) -> nn.
     """
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise ModelSpecError(f"--model wants MODULE:FACTORY (e.g. mypkg.nets:resnet18), got {spec!r}")
+        raise ModelSpecError(
+            f"--model wants MODULE:FACTORY (e.g. mypkg.nets:resnet18), got {spec!r}")
     if isinstance(kwargs, str):
         try:
             kwargs = json.loads(kwargs)
@@ -210,9 +215,7 @@ def build_model(spec: str, kwargs: Mapping[str, Any] | str | None = None) -> nn.
             raise UsageError(f"--model-kwargs is not valid JSON: {exc}") from None
         if not isinstance(kwargs, dict):
             raise UsageError("--model-kwargs must be a JSON object")
-    cwd = os.getcwd()
-    if cwd not in sys.path:
-        sys.path.insert(0, cwd)
+    _cwd_importable()
     try:
         obj: Any = importlib.import_module(module_name)
     except Exception as exc:  # noqa: BLE001 - user code can raise anything on import
@@ -234,6 +237,13 @@ def build_model(spec: str, kwargs: Mapping[str, Any] | str | None = None) -> nn.
     return model.eval()
 
 
+def _cwd_importable() -> None:
+    # As `python -m` does: user model code next to the checkpoint must be importable.
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+
+
 def _is_state_dict(obj: Any) -> bool:
     return isinstance(obj, Mapping) and bool(obj) and all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
@@ -253,20 +263,21 @@ def _unwrap(obj: Any) -> Any:
     return obj
 
 
-def _strip_prefix(state: Mapping[str, torch.Tensor], wanted: set[str]) -> tuple[dict[str, Any], str]:
+def _strip_prefix(state: Mapping[str, torch.Tensor],
+                  wanted: set[str]) -> tuple[dict[str, Any], str]:
+    """Remove wrapper prefixes (DDP ``module.``, compile ``_orig_mod.``, Lightning ``model.``)
+    that every key has and the model's own keys do not."""
     state = dict(state)
     stripped = ""
-    changed = True
-    while changed:
-        changed = False
-        hits = len(wanted.intersection(state))
+    while True:
         for prefix in _PREFIXES:
-            if all(k.startswith(prefix) for k in state):
-                candidate = {k[len(prefix):]: v for k, v in state.items()}
-                if len(wanted.intersection(candidate)) > hits:
-                    state, stripped, changed = candidate, stripped + prefix, True
-                    break
-    return state, stripped
+            if all(k.startswith(prefix) for k in state) and not all(
+                    k.startswith(prefix) for k in wanted):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+                stripped += prefix
+                break
+        else:
+            return state, stripped
 
 
 def _list(names: Sequence[str], limit: int = 4) -> str:
@@ -326,7 +337,7 @@ def load_model(path: str | os.PathLike[str], model: str | None = None,
         return _load_ws(obj, p)
     obj = _unwrap(obj)
     if isinstance(obj, nn.Module):
-        arch = {"kind": "pickle"}
+        arch: dict[str, Any] = {"kind": "pickle"}
         if model is not None:
             note = f"{p} holds a whole module; --model {model} was not used"
             return LoadedModel(obj.eval(), p, "module", arch, notes=[note])
@@ -463,10 +474,8 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, force: bool = False,
     Example:
         >>> wsconvert.save(model, "finetuned.ws.pt")       # doctest: +SKIP
     """
-    from torch.nn.utils import parametrize
-
     from wsconvert import __version__
-    from wsconvert.surgery import ws_layer_configs
+    from wsconvert.surgery import unregister_ws, ws_layer_configs
 
     configs = ws_layer_configs(model)
     arch = dict(model.__dict__.get(_ARCH_ATTR) or {"kind": "pickle"})
@@ -479,7 +488,7 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, force: bool = False,
         base = copy.deepcopy(model)
         for name, module in base.named_modules():
             if name in configs:
-                parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+                unregister_ws(module)
         base.__dict__.pop(_ARCH_ATTR, None)
         base_keys = set(base.state_dict())
         payload["module"] = base

@@ -11,7 +11,7 @@ from torch.nn.utils import parametrize
 
 from wsconvert.conventions import fan_in, to_rows
 from wsconvert.surgery import FOREIGN_WS_CLASSES, candidate_layers
-from wsconvert.ws import ws_parametrization
+from wsconvert.ws import trainable_weight, ws_parametrization
 
 __all__ = ["LayerInfo", "inspect_model"]
 
@@ -55,7 +55,7 @@ def inspect_model(model: nn.Module) -> list[LayerInfo]:
     infos = []
     for name, module in candidate_layers(model):
         p = ws_parametrization(module)
-        stored = module.parametrizations.weight.original if p is not None else module.weight  # type: ignore[union-attr]
+        stored = trainable_weight(module)
         if isinstance(stored, nn.parameter.UninitializedParameter):
             continue
         transposed = bool(getattr(module, "transposed", False))

@@ -11,7 +11,7 @@ import fnmatch
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -19,7 +19,13 @@ from torch.nn.utils import parametrize
 
 from wsconvert.conventions import fan_in, get_convention
 from wsconvert.errors import ConversionError, UsageError
-from wsconvert.ws import INIT_MODES, WeightStandardization, ws_parametrization
+from wsconvert.ws import (
+    INIT_MODES,
+    WeightStandardization,
+    layer_weight,
+    trainable_weight,
+    ws_parametrization,
+)
 
 __all__ = [
     "FOREIGN_WS_CLASSES",
@@ -28,6 +34,7 @@ __all__ = [
     "apply_ws",
     "candidate_layers",
     "restore_ws",
+    "unregister_ws",
     "ws_layer_configs",
     "ws_layers",
 ]
@@ -158,14 +165,14 @@ def _skip_reason(name: str, module: nn.Module, include: Sequence[str], exclude: 
 
 
 def _fan_in_of(module: nn.Module) -> int:
-    shape = module.weight.shape
+    shape = layer_weight(module).shape
     groups = int(getattr(module, "groups", 1))
     return fan_in(shape, transposed=_is_transposed(module), groups=groups)
 
 
 def _register(module: nn.Module, convention: str, eps: float | None, init: str,
               scaled_gamma: float = 1.0) -> WeightStandardization:
-    p = WeightStandardization(module.weight, convention, eps, init,
+    p = WeightStandardization(layer_weight(module), convention, eps, init,
                               transposed=_is_transposed(module),
                               groups=int(getattr(module, "groups", 1)),
                               scaled_gamma=scaled_gamma)
@@ -225,7 +232,7 @@ def apply_ws(model: nn.Module, convention: str = "paper", eps: float | None = No
     for name, _ in candidates:
         module = modules[name]
         reason = _skip_reason(name, module, include, exclude, transposed, linear)
-        weight = module.weight
+        weight = layer_weight(module)
         shape = tuple(weight.shape) if not isinstance(
             weight, nn.parameter.UninitializedParameter) else ()
         fan = _fan_in_of(module) if shape else 0
@@ -260,3 +267,30 @@ def restore_ws(model: nn.Module, configs: dict[str, dict[str, Any]]) -> None:
                                   "linear layer of the model")
         _register(module, cfg["convention"], cfg["eps"], cfg["init"],
                   float(cfg.get("scaled_gamma", 1.0)))
+
+
+def unregister_ws(module: nn.Module, weight: torch.Tensor | None = None) -> nn.Parameter:
+    """Take WS off ``module``: its class back to the original and ``weight`` a plain Parameter.
+
+    The new Parameter holds ``weight`` when given, else the trainable (unstandardized) tensor.
+    Unlike :func:`torch.nn.utils.parametrize.remove_parametrizations` this never edits the
+    generated ``Parametrized*`` class, which ``copy.deepcopy`` shares between a model and its
+    copies: removing through one copy would break the others.
+
+    Raises:
+        ConversionError: ``module`` has no WS, or has other parametrizations too.
+    """
+    if ws_parametrization(module) is None:
+        raise ConversionError(f"{type(module).__name__} has no Weight Standardization")
+    plist = cast(nn.ModuleDict, module.parametrizations)
+    if len(plist) != 1 or len(cast(nn.ModuleList, plist["weight"])) != 1:
+        raise ConversionError("layer carries other parametrizations besides WS; remove them first")
+    original = trainable_weight(module)
+    base = parametrize.type_before_parametrizations(module)
+    del module._modules["parametrizations"]
+    module.__class__ = base
+    value = original if weight is None else weight
+    param = nn.Parameter(value.detach().clone() if weight is not None else value.detach(),
+                         requires_grad=original.requires_grad)
+    module.register_parameter("weight", param)
+    return param

@@ -10,18 +10,18 @@ Speed: WS runs on every training step. The forward computes the row statistics i
 
     grad_w = s * (g - mean(g)) - k * mean(g * y) * y
 
-with ``y`` the standardized rows, ``s`` the inverse spread and ``k`` depending on the convention
-(``s * N / (N - b)`` with eps inside the square root, ``N / ((N - b) * sigma)`` with eps added to the
-std, ``b`` = 1 for the unbiased variance). That is four passes over the weight instead of autograd's
-dozen. :func:`accumulate` goes further for gradient accumulation: one standardization per optimizer
-step instead of one per micro-batch, with exactly the same gradients.
+with ``y`` the standardized rows, ``s`` the inverse spread and ``k`` set by the convention
+(``s * N / (N - b)`` with eps inside the square root, ``N / ((N - b) * sigma)`` with eps added to
+the std, ``b`` = 1 for the unbiased variance). That is four passes over the weight instead of
+autograd's dozen. :func:`accumulate` goes further for gradient accumulation: one standardization
+per optimizer step instead of one per micro-batch, with exactly the same gradients.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -38,7 +38,14 @@ from wsconvert.conventions import (
 )
 from wsconvert.errors import UsageError
 
-__all__ = ["INIT_MODES", "WeightStandardization", "accumulate", "ws_parametrization"]
+__all__ = [
+    "INIT_MODES",
+    "WeightStandardization",
+    "accumulate",
+    "layer_weight",
+    "trainable_weight",
+    "ws_parametrization",
+]
 
 INIT_MODES = ("plain", "scale", "exact")
 
@@ -129,9 +136,9 @@ class WeightStandardization(nn.Module):
         self.scaled_gamma = scaled_gamma
         self.scale = scaled_gamma * self.fan_in ** -0.5 if conv.fan_in_scale else 1.0
         out = to_rows(weight.detach(), transposed=transposed, groups=groups).shape[0]
-        kw = {"device": weight.device, "dtype": weight.dtype}
         needs_gain = conv.fan_in_scale or init == "scale"
-        self.gain = nn.Parameter(torch.ones(out, **kw)) if needs_gain else None
+        self.gain = nn.Parameter(torch.ones(out, device=weight.device, dtype=weight.dtype)
+                                 ) if needs_gain else None
         self.register_buffer("gamma", None)
         self.register_buffer("beta", None)
         if init != "plain":
@@ -181,7 +188,8 @@ class WeightStandardization(nn.Module):
         rows = to_rows(weight, transposed=self.transposed, groups=self.groups)
         spec = self.spec
         with _no_autocast(weight.device.type):
-            y = _Standardize.apply(rows.contiguous(), self.eps, spec.unbiased, spec.eps_in_sqrt)
+            y = cast(Tensor, _Standardize.apply(  # type: ignore[no-untyped-call]
+                rows.contiguous(), self.eps, spec.unbiased, spec.eps_in_sqrt))
             y = self._affine(y)
         return from_rows(y, weight.shape, transposed=self.transposed, groups=self.groups)
 
@@ -207,14 +215,26 @@ class WeightStandardization(nn.Module):
         return from_rows(y, weight.shape, transposed=self.transposed, groups=self.groups)
 
 
-def ws_parametrization(module: nn.Module, name: str = "weight") -> WeightStandardization | None:
-    """The :class:`WeightStandardization` registered on ``module.<name>``, if any."""
-    if not parametrize.is_parametrized(module, name):
+def ws_parametrization(module: nn.Module) -> WeightStandardization | None:
+    """The :class:`WeightStandardization` registered on ``module.weight``, if any."""
+    if not parametrize.is_parametrized(module, "weight"):
         return None
-    for p in module.parametrizations[name]:  # type: ignore[union-attr,attr-defined]
+    for p in cast(nn.ModuleList, cast(nn.ModuleDict, module.parametrizations)["weight"]):
         if isinstance(p, WeightStandardization):
             return p
     return None
+
+
+def layer_weight(module: nn.Module) -> Tensor:
+    """``module.weight`` (the standardized value on a WS layer)."""
+    return cast(Tensor, module.weight)
+
+
+def trainable_weight(module: nn.Module) -> Tensor:
+    """The tensor the optimizer updates: ``parametrizations.weight.original`` on a WS layer."""
+    if parametrize.is_parametrized(module, "weight"):
+        return cast(Tensor, cast(nn.ModuleDict, module.parametrizations)["weight"].original)
+    return layer_weight(module)
 
 
 @contextlib.contextmanager
@@ -245,8 +265,7 @@ def accumulate(model: nn.Module) -> Iterator[None]:
     try:
         with torch.enable_grad():
             for p, module in layers:
-                original = module.parametrizations.weight.original  # type: ignore[union-attr]
-                full = p.standardize(original)
+                full = p.standardize(trainable_weight(module))
                 leaf = full.detach().requires_grad_(full.requires_grad)
                 p._accum = (full, leaf)
                 entered.append(p)

@@ -1,1 +1,1 @@
-"""The ``wsconvert`` command line. Only wiring and rendering live here; the math is in the library."""
+"""The ``wsconvert`` command line: wiring and rendering only; the math is in the library."""

@@ -76,7 +76,7 @@ def guarded(func: F) -> F:
         except KeyboardInterrupt:
             _error_line("interrupted; no output was written")
             raise typer.Exit(130) from None
-        except Exception as exc:  # noqa: BLE001 - last line of defence: one line, exit 2
+        except Exception as exc:
             if os.environ.get(DEBUG_ENV):
                 raise
             _error_line(f"unexpected {type(exc).__name__}: {exc} (set {DEBUG_ENV}=1 for the "

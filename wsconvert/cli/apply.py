@@ -57,9 +57,11 @@ def apply_cmd(
         help="plain (pure WS), scale (learnable gain keeping filter magnitude) or exact (same "
              "function as the input model at step 0).")] = "plain",
     include: Annotated[list[str] | None, typer.Option(
-        metavar="GLOB", help="Only convert layers whose dotted name matches (repeatable).")] = None,
+        metavar="GLOB", help="Only convert layers whose dotted name matches (repeatable).")
+    ] = None,
     exclude: Annotated[list[str] | None, typer.Option(
-        metavar="GLOB", help="Never convert layers whose dotted name matches (repeatable).")] = None,
+        metavar="GLOB", help="Never convert layers whose dotted name matches (repeatable).")
+    ] = None,
     transposed: Annotated[bool, typer.Option(help="Also convert transposed convs.")] = False,
     linear: Annotated[bool, typer.Option(help="Also convert Linear layers.")] = False,
     trust: TrustOpt = False,

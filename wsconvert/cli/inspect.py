@@ -1,4 +1,4 @@
-"""``wsconvert inspect``: per-layer WS status and how far each layer's filters are from standardized."""
+"""``wsconvert inspect``: per-layer WS status and how far filters are from standardized."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The bundled example: a tiny BatchNorm CNN, its pretrained checkpoint and a task generated in code.
+"""The bundled example: a tiny BatchNorm CNN, its pretrained checkpoint, a task made in code.
 
 ``EXAMPLE_CHECKPOINT`` is a state dict for :func:`wsconvert.examples.tinynet.build` (factory spec
 :data:`EXAMPLE_FACTORY`), made reproducibly by ``python scripts/make_example.py``.

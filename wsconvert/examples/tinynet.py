@@ -33,7 +33,8 @@ class TinyNet(nn.Module):
         self.head = nn.Linear(4 * w, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.pool(self.features(x)).flatten(1))
+        out: Tensor = self.head(self.pool(self.features(x)).flatten(1))
+        return out
 
 
 def build(num_classes: int = 4, width: int = 16) -> TinyNet:

@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+# A user's model file: importable by MODULE:FACTORY from the directory the CLI runs in.
+NETS_SOURCE = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, width=8, classes=3):
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(width)
+        self.dw = nn.Conv2d(width, width, 3, padding=1, groups=width)
+        self.dw1 = nn.Conv2d(width, width, 1, groups=width)  # fan-in 1
+        self.grouped = nn.Conv2d(width, 2 * width, 3, padding=2, dilation=2, groups=2,
+                                 padding_mode="reflect")
+        self.head = nn.Linear(2 * width, classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.stem(x)))
+        x = self.dw1(self.dw(x))
+        x = torch.relu(self.grouped(x))
+        return self.head(x.mean((2, 3)))
+
+
+class Mixed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(4, 6, 3)
+        self.c3 = nn.Conv3d(2, 4, (1, 3, 3), padding=(0, 1, 1))
+        self.up = nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2)
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, a, b):
+        y1 = self.c1(a).mean(-1)
+        y3 = self.c3(b).mean((2, 3, 4))
+        u = self.up(y3[:, :, None, None].expand(-1, -1, 3, 3)).mean((2, 3))
+        return self.fc(y1 + u)
+
+
+def build(width=8, classes=3):
+    torch.manual_seed(0)
+    return Net(width, classes)
+
+
+def mixed():
+    torch.manual_seed(1)
+    return Mixed()
+
+
+def broken():
+    raise RuntimeError("factory exploded")
+'''
+
+
+@pytest.fixture
+def nets_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A directory holding ``wsnets.py``, made the working directory and importable."""
+    (tmp_path / "wsnets.py").write_text(NETS_SOURCE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("wsnets", None)
+    yield tmp_path
+    sys.modules.pop("wsnets", None)
+
+
+@pytest.fixture
+def net_state(nets_dir: Path) -> Path:
+    """A trained-looking state dict of ``wsnets:build`` on disk."""
+    import wsnets  # type: ignore[import-not-found]
+
+    model = wsnets.build()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    path = nets_dir / "net.pt"
+    torch.save(model.state_dict(), path)
+    return path
