@@ -46,9 +46,11 @@ __all__ = [
     "is_ws_checkpoint",
     "load",
     "load_model",
+    "load_weights_into",
     "read_checkpoint",
     "save",
     "save_state_dict",
+    "write_text",
 ]
 
 FORMAT_VERSION = 1
@@ -386,6 +388,36 @@ def _load_ws(obj: Mapping[str, Any], path: Path) -> LoadedModel:
         raise CheckpointError(f"{path}: wsconvert checkpoint has an unknown architecture record")
     net.__dict__[_ARCH_ATTR] = arch
     return LoadedModel(net.eval(), path, "wsconvert", arch)
+
+
+def load_weights_into(model: nn.Module, path: str | os.PathLike[str], *,
+                      trust: bool = False) -> str:
+    """Load a state dict file (any wrapper / prefix form) into ``model`` strictly.
+
+    Used to put a training loop's ``torch.save(model.state_dict())`` of a WS model back into the
+    WS architecture rebuilt from its ``apply`` output. Returns the stripped key prefix.
+
+    Raises:
+        CheckpointError: unreadable, not a state dict, or keys that do not fit.
+    """
+    p = Path(path)
+    obj = _unwrap(read_checkpoint(p, trust=trust))
+    if is_ws_checkpoint(obj):
+        obj = obj["state_dict"]
+    if isinstance(obj, nn.Module):
+        obj = obj.state_dict()
+    if not _is_state_dict(obj):
+        raise CheckpointError(f"{p}: holds a {type(obj).__name__}, not a state dict")
+    state, prefix = _strip_prefix(obj, set(model.state_dict()))
+    load_state_dict_strict(model, state, str(p))
+    return prefix
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write a report file atomically (replacing an older report)."""
+    with atomic_output(path, force=True) as tmp:
+        tmp.write_text(text)
+    return Path(path)
 
 
 def load(path: str | os.PathLike[str], *, trust: bool = False,

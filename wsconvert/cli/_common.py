@@ -39,7 +39,10 @@ class Output:
 
     def __init__(self, as_json: bool = False) -> None:
         self.as_json = as_json
-        self.out = Console(highlight=False, soft_wrap=False)
+        probe = Console()
+        # Piped output (CI logs) gets room for the tables instead of rich's 80-column default.
+        width = None if probe.is_terminal or os.environ.get("COLUMNS") else 140
+        self.out = Console(highlight=False, soft_wrap=False, width=width)
         self.err = Console(stderr=True, highlight=False)
 
     def result(self, renderable: Any) -> None:

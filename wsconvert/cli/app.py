@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from wsconvert import __version__
-from wsconvert.cli import apply, demo, inspect
+from wsconvert.cli import apply, check, demo, fold, inspect
 
 HELP = """Weight Standardization for models you already have (arXiv:1903.10520).
 
@@ -16,6 +16,8 @@ Examples:
   wsconvert demo                                     # whole pipeline on the bundled example
   wsconvert apply model.pt --model pkg.nets:build    # WS on a state dict's convs
   wsconvert inspect model.ws.pt --json               # per-layer WS status and filter stats
+  wsconvert fold model.ws.pt --onnx model.onnx       # static weights, ONNX, parity check
+  wsconvert check model.onnx --against model.ws.pt   # the CI gate: exit 0 / 1 / 2
 """
 
 app = typer.Typer(name="wsconvert", help=HELP, no_args_is_help=True, add_completion=False,
@@ -37,6 +39,8 @@ def _root(version: Annotated[bool, typer.Option(
 
 app.command("apply", no_args_is_help=True)(apply.apply_cmd)
 app.command("inspect", no_args_is_help=True)(inspect.inspect_cmd)
+app.command("fold", no_args_is_help=True)(fold.fold_cmd)
+app.command("check", no_args_is_help=True)(check.check_cmd)
 app.command("demo")(demo.demo_cmd)
 
 

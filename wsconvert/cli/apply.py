@@ -22,7 +22,11 @@ from wsconvert.cli._common import (
 
 
 def default_output(checkpoint: Path, suffix: str) -> Path:
-    return checkpoint.with_name(f"{checkpoint.stem}{suffix}")
+    """``m.pt`` -> ``m<suffix>``; a ``.ws`` stem loses it (``m.ws.pt`` -> ``m.folded.pt``)."""
+    stem = checkpoint.stem
+    if suffix != ".ws.pt" and stem.endswith(".ws"):
+        stem = stem[:-3]
+    return checkpoint.with_name(f"{stem}{suffix}")
 
 
 def layer_table(layers: list[dict[str, Any]], title: str) -> Any:

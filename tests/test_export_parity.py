@@ -1,0 +1,187 @@
+"""Real torch.onnx export and onnxruntime parity on small models."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from wsconvert import apply_ws
+from wsconvert.errors import OutputExistsError, ParityFailure, UsageError
+from wsconvert.export import (
+    ExportConfig,
+    export_onnx,
+    graph_residue,
+    infer_input_shape,
+    parse_shape,
+)
+from wsconvert.fold import fold_ws
+from wsconvert.parity import check_parity, compare, load_inputs, make_inputs, save_failing_inputs
+
+
+class TwoHeads(nn.Module):
+    """Two inputs (2-D and 3-D convs), nested outputs (a dict holding a tuple)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c2 = nn.Conv2d(3, 6, 3, padding=1, groups=3)
+        self.c3 = nn.Conv3d(2, 6, (1, 3, 3), padding=(0, 1, 1))
+        self.up = nn.ConvTranspose2d(6, 4, 2, stride=2)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> dict[str, object]:
+        f = torch.relu(self.c2(a)) + self.c3(b).mean(2)
+        return {"logits": self.fc(f.mean((2, 3))), "maps": (self.up(f), f.sum(1))}
+
+
+def _ws_two_heads() -> nn.Module:
+    torch.manual_seed(0)
+    return apply_ws(TwoHeads(), "scaled", init="scale", transposed=True).model.eval()
+
+
+def test_parse_and_infer_shape() -> None:
+    assert parse_shape("1,3,224,224") == (1, 3, 224, 224) == parse_shape("1x3x224x224")
+    for bad in ("", "a,b", "1,-3", "1,0"):
+        with pytest.raises(UsageError):
+            parse_shape(bad)
+    assert infer_input_shape(nn.Sequential(nn.Conv2d(5, 2, 3))) == (1, 5, 224, 224)
+    assert infer_input_shape(nn.Sequential(nn.Conv1d(5, 2, 3))) == (1, 5, 256)
+
+
+def test_export_multi_io_dynamic_batch_and_parity(tmp_path: Path) -> None:
+    ws = _ws_two_heads()
+    folded = fold_ws(ws).model
+    cfg = ExportConfig(((1, 3, 8, 8), (1, 2, 4, 8, 8)), dynamic_batch=True)
+    result = export_onnx(folded, tmp_path / "m.onnx", cfg)
+    assert result.op_histogram["Conv"] == 2 and result.op_histogram["ConvTranspose"] == 1
+    assert len(result.input_names) == 2 and len(result.output_names) == 3
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    assert graph_residue(proto) == []
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # no temp leftovers
+
+    inputs = make_inputs(cfg.input_shapes, seeds=2, batch_sizes=[1, 3])
+    report = check_parity(tmp_path / "m.onnx", ws, inputs, folded=folded)
+    assert report.passed(), report.failures
+    assert report.stages == ["fold", "export"]
+    names = {c.output for c in report.comparisons}
+    assert names == {"output['logits']", "output['maps'][0]", "output['maps'][1]"}
+    assert len(report.comparisons) == 2 * 4 * 3
+    summary = report.stage_summary()
+    assert summary["export"]["max_abs"] < 1e-4 and summary["fold"]["min_cosine"] > 0.999999
+
+    junit = ET.fromstring(report.to_junit())
+    assert len(junit.findall(".//testcase")) == 24 and not junit.findall(".//failure")
+    assert json.loads(report.to_json())["passed"] is True
+
+    with pytest.raises(OutputExistsError):
+        export_onnx(folded, tmp_path / "m.onnx", cfg)
+
+
+RESIDUE_GRAPH = """
+<ir_version: 8, opset_import: ["" : 18]>
+ws (float[1, 3, 8, 8] x) => (float[1, 4, 6, 6] y) <float[4, 3, 3, 3] w, float[1] eps> {
+    mu = ReduceMean <keepdims: int = 1> (w, axes)
+    axes = Constant <value: tensor = int64[3] {1, 2, 3}> ()
+    centered = Sub (w, mu)
+    sq = Mul (centered, centered)
+    var = ReduceMean <keepdims: int = 1> (sq, axes)
+    std = Sqrt (var)
+    den = Add (std, eps)
+    wn = Div (centered, den)
+    y = Conv (x, wn)
+}
+"""
+
+CLEAN_GRAPH = """
+<ir_version: 8, opset_import: ["" : 18]>
+plain (float[1, 3, 8, 8] x) => (float[1] y) <float[4, 3, 3, 3] w> {
+    c = Conv (x, w)
+    y = ReduceMean <keepdims: int = 0> (c)
+}
+"""
+
+
+def test_graph_residue_on_inline_graphs() -> None:
+    problems = graph_residue(onnx.parser.parse_model(RESIDUE_GRAPH))
+    assert len(problems) == 1 and "weight computed by Div" in problems[0]
+    # A ReduceMean on activations is not residue.
+    assert graph_residue(onnx.parser.parse_model(CLEAN_GRAPH)) == []
+    bn = onnx.parser.parse_model("""
+<ir_version: 8, opset_import: ["" : 18]>
+bn (float[1, 4, 2, 2] x, float[4] s, float[4] b, float[4] m, float[4] v) => (float[1, 4, 2, 2] y) {
+    y = BatchNormalization <training_mode: int = 1> (x, s, b, m, v)
+}
+""")
+    assert "training-mode" in graph_residue(bn)[0]
+
+
+def test_export_refuses_residue_and_leaves_nothing(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import wsconvert.export as export
+
+    monkeypatch.setattr(export, "graph_residue", lambda proto: ["Conv: weight computed by Div"])
+    folded = fold_ws(apply_ws(nn.Sequential(nn.Conv2d(3, 4, 3))).model).model
+    with pytest.raises(ParityFailure, match="WS residue"):
+        export_onnx(folded, tmp_path / "ws.onnx", ExportConfig(((1, 3, 8, 8),)))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_input_shape_that_does_not_fit(tmp_path: Path) -> None:
+    folded = fold_ws(apply_ws(nn.Sequential(nn.Conv2d(3, 4, 3))).model).model
+    with pytest.raises(UsageError, match="does not fit"):
+        export_onnx(folded, tmp_path / "x.onnx", ExportConfig(((1, 5, 8, 8),)))
+
+
+def test_perturbed_weight_fails_and_saves_inputs(tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    ws = apply_ws(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)),
+                  "timm").model.eval()
+    folded = fold_ws(ws).model
+    cfg = ExportConfig(((2, 3, 10, 10),))
+    export_onnx(folded, tmp_path / "m.onnx", cfg)
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    init = proto.graph.initializer[0]
+    arr = numpy_helper.to_array(init).copy()
+    arr.flat[0] += 0.05
+    init.CopyFrom(numpy_helper.from_array(arr, init.name))
+    onnx.save(proto, str(tmp_path / "bad.onnx"))
+    inputs = make_inputs(cfg.input_shapes, seeds=2)
+    report = check_parity(tmp_path / "bad.onnx", ws, inputs, folded=folded)
+    assert not report.passed()
+    assert {c.stage for c in report.failures} == {"export"}
+    failing = report.failures[0]
+    assert 0 < failing.frac_out < 1 and failing.cosine < 1
+    assert ET.fromstring(report.to_junit()).findall(".//failure")
+    saved = save_failing_inputs(report, inputs, tmp_path / "failing")
+    assert {p.name for p in saved} == {"seed0.pt", "seed1.pt", "report.json"}
+    again = load_inputs(tmp_path / "failing" / "seed0.pt")
+    assert torch.equal(again[0].tensors[0], inputs[0].tensors[0])
+
+
+def test_compare_semantics() -> None:
+    ref = torch.tensor([1.0, 0.0, 100.0, float("nan")])
+    got = torch.tensor([1.0 + 2e-4, 5e-5, 100.05, float("nan")])
+    c = compare("export", "s", "o", ref, got, atol=1e-4, rtol=1e-3)
+    # elementwise |got-ref| <= atol + rtol*|ref|: 2e-4 <= 1.1e-3, 5e-5 <= 1e-4, .05 <= .1001
+    assert c.passed and c.frac_out == 0
+    assert c.max_abs == pytest.approx(0.05, rel=1e-3)
+    c = compare("export", "s", "o", ref, got, atol=0, rtol=1e-4)
+    assert not c.passed and c.frac_out == pytest.approx(0.75)
+    assert c.max_rel == float("inf")  # 5e-5 against a zero reference
+    c = compare("export", "s", "o", ref, got[:3], atol=1, rtol=1)
+    assert not c.passed and c.reason == "shape mismatch"
+
+
+def test_load_inputs_npz(tmp_path: Path) -> None:
+    import numpy as np
+
+    np.savez(tmp_path / "x.npz", a=np.ones((1, 3, 4, 4), np.float32), b=np.zeros((1, 2)))
+    (s,) = load_inputs(tmp_path / "x.npz")
+    assert [t.shape for t in s.tensors] == [(1, 3, 4, 4), (1, 2)]

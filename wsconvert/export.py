@@ -1,0 +1,254 @@
+"""ONNX export of a plain (folded) model, and the check that no WS is left in the graph."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from wsconvert.errors import OutputExistsError, ParityFailure, UsageError, WsconvertError
+
+__all__ = [
+    "DEFAULT_SPATIAL",
+    "ExportConfig",
+    "ExportResult",
+    "export_onnx",
+    "graph_residue",
+    "infer_input_shape",
+    "parse_shape",
+]
+
+# Default input size per conv rank when no --input-shape is given: batch 1, the first conv's
+# input channels, then these spatial sizes (ImageNet-like for 2-D).
+DEFAULT_SPATIAL: dict[int, tuple[int, ...]] = {1: (256,), 2: (224, 224), 3: (16, 112, 112)}
+MAX_PROTO_BYTES = 2 * 1024**3
+# Ops that, between an initializer and a conv / matmul weight, mean WS (or a norm) is still being
+# computed at run time.
+_WEIGHT_MATH = {"ReduceMean", "ReduceSumSquare", "ReduceSum", "Sqrt", "Div", "Sub", "Pow", "Mul",
+                "Add", "Reciprocal", "BatchNormalization", "InstanceNormalization",
+                "LayerNormalization", "GroupNormalization", "ReduceL2", "Var"}
+_WEIGHT_CONSUMERS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"1,3,224,224"`` (or ``1x3x224x224``) to a tuple of positive ints.
+
+    Raises:
+        UsageError: malformed.
+    """
+    parts = [p for p in text.replace("x", ",").replace(" ", "").split(",") if p]
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        raise UsageError(f"--input-shape {text!r}: want comma-separated integers such as "
+                         "1,3,224,224") from None
+    if not shape or any(d <= 0 for d in shape):
+        raise UsageError(f"--input-shape {text!r}: every dimension must be a positive integer")
+    return shape
+
+
+def infer_input_shape(model: nn.Module) -> tuple[int, ...]:
+    """Batch 1, the first conv's input channels and :data:`DEFAULT_SPATIAL` for its rank.
+
+    Raises:
+        UsageError: the model has no conv layer to infer from.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.modules.conv._ConvNd):
+            rank = len(module.kernel_size)
+            return (1, module.in_channels, *DEFAULT_SPATIAL[rank])
+    raise UsageError("cannot infer the input shape (no conv layer); pass --input-shape")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """How to export: one shape per model input, dynamic batch, opset, external data.
+
+    ``external_data`` ``None`` means: only when the weights pass protobuf's 2 GB limit.
+    """
+
+    input_shapes: tuple[tuple[int, ...], ...]
+    dynamic_batch: bool = False
+    opset: int = 18
+    external_data: bool | None = None
+    input_dtype: torch.dtype = torch.float32
+
+    def example_inputs(self, batch: int | None = None, seed: int = 0) -> tuple[torch.Tensor, ...]:
+        g = torch.Generator().manual_seed(seed)
+        return tuple(torch.randn((batch or s[0], *s[1:]), generator=g, dtype=self.input_dtype)
+                     for s in self.input_shapes)
+
+
+@dataclass
+class ExportResult:
+    """What was written and what the graph holds."""
+
+    path: Path
+    opset: int
+    input_names: list[str]
+    output_names: list[str]
+    op_histogram: dict[str, int]
+    external_data: bool
+    files: list[Path] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": str(self.path), "opset": self.opset, "inputs": self.input_names,
+                "outputs": self.output_names, "op_histogram": self.op_histogram,
+                "external_data": self.external_data, "files": [str(f) for f in self.files]}
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """The exporter logs and prints progress and warnings; keep them out of the user's terminal."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo",
+                                              "torch.fx", "onnxscript", "torch._export")]
+    levels = [lg.level for lg in loggers]
+    sink = io.StringIO()
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), \
+                contextlib.redirect_stderr(sink):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def _param_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+def graph_residue(model_proto: Any) -> list[str]:
+    """Nodes still computing conv / matmul weights at run time, and training-mode BatchNorms.
+
+    A folded graph feeds every Conv / Gemm / MatMul weight straight from an initializer.
+    """
+    producers = {out: node for node in model_proto.graph.node for out in node.output}
+    problems: list[str] = []
+    for node in model_proto.graph.node:
+        if node.op_type == "BatchNormalization":
+            for attr in node.attribute:
+                if attr.name == "training_mode" and attr.i == 1:
+                    problems.append(f"{node.name or node.op_type}: training-mode "
+                                    "BatchNormalization")
+        idx = _WEIGHT_CONSUMERS.get(node.op_type)
+        if idx is None or len(node.input) <= idx:
+            continue
+        seen: set[str] = set()
+        stack = [node.input[idx]]
+        while stack:
+            name = stack.pop()
+            src = producers.get(name)
+            if src is None or name in seen:
+                continue
+            seen.add(name)
+            if src.op_type in _WEIGHT_MATH:
+                problems.append(f"{node.name or node.op_type}: weight computed by "
+                                f"{src.op_type} ({src.name or name})")
+                break
+            stack.extend(src.input)
+    return problems
+
+
+def _check_inputs(model: nn.Module, config: ExportConfig) -> tuple[torch.Tensor, ...]:
+    inputs = config.example_inputs()
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    except Exception as exc:  # noqa: BLE001 - any failure means the shapes do not fit
+        shapes = " ".join(",".join(map(str, s)) for s in config.input_shapes)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"--input-shape {shapes} does not fit the model: {reason[:200]}") from None
+    return inputs
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike[str], config: ExportConfig, *,
+                force: bool = False, allow_residue: bool = False) -> ExportResult:
+    """Export a plain model with ``torch.onnx.export`` and check the file.
+
+    The file is written to a temporary directory beside ``path`` and moved into place only after
+    ``onnx.checker`` (full check) passes and the graph holds no WS residue.
+
+    Args:
+        model: the folded model (export runs it in eval mode).
+        path: the ``.onnx`` file to write (external data beside it as ``<name>.data``).
+        config: shapes, dynamic batch, opset, external data.
+        force: allow replacing an existing file.
+        allow_residue: write even if weights are still computed in the graph.
+
+    Returns:
+        An :class:`ExportResult` with the op histogram.
+
+    Raises:
+        UsageError: shapes that do not fit, unwritable target.
+        OutputExistsError: ``path`` exists and not ``force``.
+        ParityFailure: the graph still computes weights (WS residue).
+        WsconvertError: the exporter or the checker failed.
+    """
+    import onnx
+
+    target = Path(path)
+    if target.exists() and not force:
+        raise OutputExistsError(f"{target}: already exists (pass --force to overwrite)")
+    if not target.parent.is_dir():
+        raise UsageError(f"{target}: output directory {target.parent} does not exist")
+    model = model.eval()
+    inputs = _check_inputs(model, config)
+    n_inputs = len(inputs)
+    input_names = [f"input_{i}" for i in range(n_inputs)] if n_inputs > 1 else ["input"]
+    external = (config.external_data if config.external_data is not None
+                else _param_bytes(model) > MAX_PROTO_BYTES * 0.9)
+    dynamic_shapes = None
+    if config.dynamic_batch:
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        dynamic_shapes = tuple({0: batch} for _ in inputs)
+    try:
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    except OSError as exc:
+        raise UsageError(f"{target}: cannot write to {target.parent} ({exc.strerror})") from None
+    try:
+        tmp = tmp_dir / target.name
+        try:
+            with _quiet(), torch.no_grad():
+                torch.onnx.export(model, inputs, str(tmp), dynamo=True,
+                                  opset_version=config.opset, input_names=input_names,
+                                  dynamic_shapes=dynamic_shapes, external_data=external)
+        except Exception as exc:  # noqa: BLE001 - the exporter raises many types
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise WsconvertError(f"ONNX export failed: {msg[:300]}") from None
+        try:
+            onnx.checker.check_model(str(tmp), full_check=True)
+        except Exception as exc:  # noqa: BLE001 - checker errors are several types
+            raise WsconvertError(f"exported graph fails onnx.checker: {exc}") from None
+        proto = onnx.load(str(tmp), load_external_data=False)
+        residue = graph_residue(proto)
+        if residue and not allow_residue:
+            raise ParityFailure("exported graph still computes weights (WS residue): "
+                                + "; ".join(residue[:3]))
+        hist = dict(sorted(Counter(n.op_type for n in proto.graph.node).items()))
+        files = []
+        for f in sorted(tmp_dir.iterdir()):
+            final = target.parent / f.name
+            if final != target and final.exists() and not force:
+                raise OutputExistsError(f"{final}: already exists (pass --force to overwrite)")
+            files.append(final)
+        for f in sorted(tmp_dir.iterdir()):
+            os.replace(f, target.parent / f.name)
+        return ExportResult(target, config.opset, [i.name for i in proto.graph.input],
+                            [o.name for o in proto.graph.output], hist, external, files)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)

@@ -1,0 +1,161 @@
+"""Fold Weight Standardization back into static weights (arXiv:1903.10520).
+
+A WS layer computes its weight from the trainable tensor on every call. Folding evaluates that
+function once, in float64, and rounds once to the parameter's dtype, so each folded weight is the
+correctly rounded value of the exact WS formula (gain, gamma, beta and ``N**-0.5`` included). The
+layer then goes back to its original plain class, and the folded state dict loads with
+``strict=True`` into the original, unmodified architecture.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from wsconvert.errors import ConversionError
+from wsconvert.surgery import unregister_ws, ws_layers
+from wsconvert.ws import trainable_weight, ws_parametrization
+
+__all__ = ["FoldRecord", "FoldReport", "fold_ws", "folded_weight"]
+
+
+@dataclass(frozen=True)
+class FoldRecord:
+    """One folded layer (``kind`` ``"ws"``) or one BatchNorm fused into its conv (``"bn"``)."""
+
+    name: str
+    kind: str
+    layer: str
+    detail: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "layer": self.layer, "detail": self.detail}
+
+
+@dataclass
+class FoldReport:
+    """Result of :func:`fold_ws`; ``model`` is the plain model."""
+
+    model: nn.Module
+    folded: list[FoldRecord] = field(default_factory=list)
+    fused: list[FoldRecord] = field(default_factory=list)
+
+    @property
+    def noop(self) -> bool:
+        return not self.folded and not self.fused
+
+    def summary(self) -> str:
+        if self.noop:
+            return "no WS layer to fold: the model is already plain"
+        text = f"{len(self.folded)} WS layer(s) folded into static weights"
+        if self.fused:
+            text += f", {len(self.fused)} BatchNorm(s) fused"
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"noop": self.noop, "folded": [r.to_dict() for r in self.folded],
+                "fused": [r.to_dict() for r in self.fused]}
+
+
+def folded_weight(module: nn.Module) -> torch.Tensor:
+    """The effective weight of a WS layer, computed in float64 and rounded once."""
+    p = ws_parametrization(module)
+    if p is None:
+        raise ConversionError(f"{type(module).__name__} has no Weight Standardization")
+    original = trainable_weight(module)
+    with torch.no_grad():
+        exact = copy.deepcopy(p).double().reference(original.detach().double())
+    return exact.to(original.dtype)
+
+
+def _conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """(conv, bn) module names where the BN consumes the conv's output and nothing else does."""
+    try:
+        import torch.fx
+
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception:  # noqa: BLE001 - untraceable models fall back to Sequential order
+        return _sequential_pairs(model)
+    modules = dict(model.named_modules())
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(
+                modules.get(str(node.target)), nn.modules.batchnorm._BatchNorm):
+            continue
+        src = node.args[0] if node.args else None
+        if (isinstance(src, torch.fx.Node) and src.op == "call_module" and len(src.users) == 1
+                and _is_plain_conv(modules.get(str(src.target)))):
+            pairs.append((str(src.target), str(node.target)))
+    return pairs
+
+
+def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    pairs = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Sequential):
+            kids = list(module.named_children())
+            for (a, ma), (b, mb) in itertools.pairwise(kids):
+                if _is_plain_conv(ma) and isinstance(mb, nn.modules.batchnorm._BatchNorm):
+                    prefix = f"{name}." if name else ""
+                    pairs.append((prefix + a, prefix + b))
+    return pairs
+
+
+def _is_plain_conv(module: nn.Module | None) -> bool:
+    return isinstance(module, nn.modules.conv._ConvNd) and not module.transposed
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def fold_ws(model: nn.Module, *, fuse_bn: bool = False, inplace: bool = False) -> FoldReport:
+    """Bake every WS layer into a plain layer of its original class holding the effective weight.
+
+    Args:
+        model: a model with WS layers (a model without any is returned unchanged, ``noop``).
+        fuse_bn: also fuse eval-mode BatchNorms into the conv they follow
+            (:func:`torch.nn.utils.fusion.fuse_conv_bn_eval`); the BN becomes ``nn.Identity``,
+            so the state dict then fits the fused architecture, not the original one.
+        inplace: modify ``model`` itself instead of a copy.
+
+    Returns:
+        A :class:`FoldReport`; ``report.model`` is the plain model, in eval mode.
+
+    Raises:
+        ConversionError: a WS layer also carries another parametrization.
+
+    Example:
+        >>> ws = wsconvert.apply_ws(nn.Sequential(nn.Conv2d(3, 4, 3))).model
+        >>> plain = fold_ws(ws).model
+        >>> type(plain[0]).__name__
+        'Conv2d'
+    """
+    target = model if inplace else copy.deepcopy(model)
+    target.eval()
+    report = FoldReport(target)
+    for name, module, p in list(ws_layers(target)):
+        weight = folded_weight(module)
+        unregister_ws(module, weight)
+        report.folded.append(FoldRecord(name, "ws", type(module).__name__,
+                                        f"{p.convention} eps={p.eps:g} init={p.init}"))
+    if fuse_bn:
+        for conv_name, bn_name in _conv_bn_pairs(target):
+            conv = target.get_submodule(conv_name)
+            bn = target.get_submodule(bn_name)
+            if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or not bn.track_running_stats:
+                continue
+            fused = fuse_conv_bn_eval(conv, bn)  # type: ignore[arg-type]
+            _set_module(target, conv_name, fused)
+            _set_module(target, bn_name, nn.Identity())
+            report.fused.append(FoldRecord(bn_name, "bn", type(bn).__name__,
+                                           f"fused into {conv_name}"))
+    return report
