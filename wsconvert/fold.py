@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import itertools
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -153,7 +153,7 @@ def fold_ws(model: nn.Module, *, fuse_bn: bool = False, inplace: bool = False) -
             bn = target.get_submodule(bn_name)
             if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or not bn.track_running_stats:
                 continue
-            fused = fuse_conv_bn_eval(conv, bn)  # type: ignore[arg-type]
+            fused = fuse_conv_bn_eval(cast(nn.Conv2d, conv), bn)
             _set_module(target, conv_name, fused)
             _set_module(target, bn_name, nn.Identity())
             report.fused.append(FoldRecord(bn_name, "bn", type(bn).__name__,
