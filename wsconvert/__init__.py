@@ -27,6 +27,13 @@ _EXPORTS = {
     "load_model": "wsconvert.checkpoint",
     "inspect_model": "wsconvert.inspection",
     "WsconvertError": "wsconvert.errors",
+    "fold_ws": "wsconvert.fold",
+    "FoldReport": "wsconvert.fold",
+    "export_onnx": "wsconvert.export",
+    "ExportConfig": "wsconvert.export",
+    "check_parity": "wsconvert.parity",
+    "make_inputs": "wsconvert.parity",
+    "ParityReport": "wsconvert.parity",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -38,6 +45,13 @@ if TYPE_CHECKING:
     from wsconvert.conventions import CONVENTIONS as CONVENTIONS
     from wsconvert.conventions import standardize_weight as standardize_weight
     from wsconvert.errors import WsconvertError as WsconvertError
+    from wsconvert.export import ExportConfig as ExportConfig
+    from wsconvert.export import export_onnx as export_onnx
+    from wsconvert.fold import FoldReport as FoldReport
+    from wsconvert.fold import fold_ws as fold_ws
+    from wsconvert.parity import ParityReport as ParityReport
+    from wsconvert.parity import check_parity as check_parity
+    from wsconvert.parity import make_inputs as make_inputs
     from wsconvert.inspection import inspect_model as inspect_model
     from wsconvert.surgery import ApplyReport as ApplyReport
     from wsconvert.surgery import LayerRecord as LayerRecord
