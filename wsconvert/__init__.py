@@ -34,6 +34,12 @@ _EXPORTS = {
     "check_parity": "wsconvert.parity",
     "make_inputs": "wsconvert.parity",
     "ParityReport": "wsconvert.parity",
+    "swap_norm": "wsconvert.norms",
+    "NormSwapReport": "wsconvert.norms",
+    "measure_drift": "wsconvert.drift",
+    "check_drift": "wsconvert.drift",
+    "calibrate_bn": "wsconvert.drift",
+    "DriftReport": "wsconvert.drift",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -44,15 +50,21 @@ if TYPE_CHECKING:
     from wsconvert.checkpoint import save as save
     from wsconvert.conventions import CONVENTIONS as CONVENTIONS
     from wsconvert.conventions import standardize_weight as standardize_weight
+    from wsconvert.drift import DriftReport as DriftReport
+    from wsconvert.drift import calibrate_bn as calibrate_bn
+    from wsconvert.drift import check_drift as check_drift
+    from wsconvert.drift import measure_drift as measure_drift
     from wsconvert.errors import WsconvertError as WsconvertError
     from wsconvert.export import ExportConfig as ExportConfig
     from wsconvert.export import export_onnx as export_onnx
     from wsconvert.fold import FoldReport as FoldReport
     from wsconvert.fold import fold_ws as fold_ws
+    from wsconvert.inspection import inspect_model as inspect_model
+    from wsconvert.norms import NormSwapReport as NormSwapReport
+    from wsconvert.norms import swap_norm as swap_norm
     from wsconvert.parity import ParityReport as ParityReport
     from wsconvert.parity import check_parity as check_parity
     from wsconvert.parity import make_inputs as make_inputs
-    from wsconvert.inspection import inspect_model as inspect_model
     from wsconvert.surgery import ApplyReport as ApplyReport
     from wsconvert.surgery import LayerRecord as LayerRecord
     from wsconvert.surgery import apply_ws as apply_ws
