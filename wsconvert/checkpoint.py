@@ -106,6 +106,14 @@ def _check_file(path: Path) -> None:
         raise CheckpointError(f"{path}: file is empty")
 
 
+def _is_torchscript(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return any(n.endswith("constants.pkl") for n in zf.namelist())
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return False
+
+
 def _describe_unreadable(path: Path, exc: BaseException) -> str:
     head = path.read_bytes()[:8]
     if zipfile.is_zipfile(path):
@@ -149,6 +157,9 @@ def read_checkpoint(path: str | os.PathLike[str], *, trust: bool = False,
     """
     p = Path(path)
     _check_file(p)
+    if _is_torchscript(p):
+        # torch.load would hand it to torch.jit.load: a compiled program, not a checkpoint.
+        raise CheckpointError(f"{p}: {_describe_unreadable(p, RuntimeError())}")
     if trust:
         _cwd_importable()
         loader: Callable[[], Any] = lambda: torch.load(p, map_location="cpu", weights_only=False)  # noqa: E731

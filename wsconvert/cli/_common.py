@@ -74,7 +74,7 @@ def guarded(func: F) -> F:
         except WsconvertError as exc:
             if os.environ.get(DEBUG_ENV):
                 raise
-            _error_line(str(exc))
+            _error_line(_naming_input(str(exc), kwargs))
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             _error_line("interrupted; no output was written")
@@ -87,6 +87,14 @@ def guarded(func: F) -> F:
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _naming_input(message: str, kwargs: dict[str, Any]) -> str:
+    """Errors name the file they are about; prefix the command's input when the library did not."""
+    path = kwargs.get("checkpoint") or kwargs.get("against")
+    if path is None or str(path) in message or message.startswith("parity fails"):
+        return message
+    return f"{path}: {message}"
 
 
 def _error_line(message: str) -> None:

@@ -88,6 +88,7 @@ def fold_cmd(
             raise OutputExistsError(f"{path}: already exists (pass --force to overwrite)")
     if onnx is not None and onnx.suffix != ".onnx":
         raise UsageError(f"--onnx {onnx}: the file name should end in .onnx")
+    shapes = [parse_shape(s) for s in input_shape or []]
     if from_ws is not None:
         ws_model = load_model(from_ws, trust=trust, allow_classes=allow_class or ()).model
         load_weights_into(ws_model, checkpoint, trust=trust)
@@ -95,21 +96,28 @@ def fold_cmd(
         ws_model = load_model(checkpoint, model, model_kwargs, trust=trust,
                               allow_classes=allow_class or ()).model
     ws_model.eval()
-    shapes = [parse_shape(s) for s in input_shape or []]
     result = fold_ws(ws_model, fuse_bn=fuse_bn)
     folded = result.model
-    save_state_dict(folded if whole_module else folded.state_dict(), target, force=force,
-                    protect=[checkpoint, *([from_ws] if from_ws else [])])
     payload: dict[str, Any] = {"input": str(checkpoint), "output": str(target),
                                "fold": result.to_dict()}
-    out.result(f"[green]✓[/] {escape(result.summary())}; wrote {escape(target)}")
-    parity = None
+    exported = None
     if onnx is not None:
+        # Export before writing anything: a bad shape or a failed export leaves no file behind.
         config = ExportConfig(tuple(shapes) or (infer_input_shape(folded),),
                               dynamic_batch=dynamic_batch, opset=opset)
         with out.status(f"exporting {onnx.name} (torch.onnx, opset {opset})..."):
             exported = export_onnx(copy.deepcopy(folded), onnx, config, force=force)
         payload["onnx"] = exported.to_dict()
+    try:
+        save_state_dict(folded if whole_module else folded.state_dict(), target, force=force,
+                        protect=[checkpoint, *([from_ws] if from_ws else [])])
+    except BaseException:
+        for f in exported.files if exported else []:
+            f.unlink(missing_ok=True)
+        raise
+    out.result(f"[green]✓[/] {escape(result.summary())}; wrote {escape(target)}")
+    parity = None
+    if exported is not None and onnx is not None:
         out.result(f"[green]✓[/] exported {escape(onnx)} (opset {opset}, checker passed, no WS "
                    f"residue): {escape(_op_line(exported.op_histogram))}")
         if not no_check:

@@ -1,0 +1,262 @@
+"""Bad input on every command: one line, exit 2, nothing written, input untouched; fuzzing;
+untrusted pickles never run code; deterministic outputs."""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import time
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+import wsconvert
+from test_cli import one_line_error, run, sha
+from wsconvert.cli.app import app
+from wsconvert.errors import UntrustedCheckpointError
+
+RUNNER = CliRunner()
+
+
+def invoke(*args: str | Path) -> tuple[int, str, str]:
+    result = RUNNER.invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise AssertionError(f"uncaught {type(result.exception).__name__}: {result.exception}")
+    return result.exit_code, result.stdout, result.stderr
+
+
+def assert_bad(args: list[str | Path], *needles: str, cwd: Path) -> None:
+    before = {p.name for p in cwd.iterdir()}
+    code, _, err = invoke(*args)
+    assert code == 2, (args, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    assert {p.name for p in cwd.iterdir()} == before, "an output file was written"
+
+
+class RunsCode:
+    """Unpickling this writes a marker file: the attack an untrusted checkpoint can carry."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Callable[..., object], tuple[str]]:
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",))
+
+
+def _bad_files(d: Path, net_state: Path) -> dict[str, Path]:
+    files: dict[str, Path] = {}
+    files["missing"] = d / "missing.pt"
+    files["directory"] = d / "adir"
+    files["directory"].mkdir()
+    files["empty"] = d / "empty.pt"
+    files["empty"].write_bytes(b"")
+    data = net_state.read_bytes()
+    files["truncated"] = d / "truncated.pt"
+    files["truncated"].write_bytes(data[: len(data) // 2])
+    files["random"] = d / "random.pt"
+    files["random"].write_bytes(random.Random(0).randbytes(4096))
+    files["zip"] = d / "notes.pt"
+    with zipfile.ZipFile(files["zip"], "w") as zf:
+        zf.writestr("notes.txt", "not a checkpoint")
+    files["torchscript"] = d / "scripted.pt"
+    torch.jit.script(nn.Sequential(nn.Conv2d(3, 4, 3))).save(str(files["torchscript"]))
+    files["onnx"] = d / "model.onnx"
+    files["onnx"].write_bytes(b"\x08\x08\x12\x07pytorch" + b"\x00" * 64)
+    return files
+
+
+CASES = ["missing", "directory", "empty", "truncated", "random", "zip", "torchscript", "onnx"]
+NEEDLES = {"missing": "no such file", "directory": "directory", "empty": "empty",
+           "truncated": "not a readable", "random": "not a readable", "zip": "zip",
+           "torchscript": "TorchScript", "onnx": "ONNX"}
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("command", ["apply", "inspect", "fold", "check"])
+def test_unreadable_checkpoint_matrix(net_state: Path, case: str, command: str) -> None:
+    d = net_state.parent
+    files = _bad_files(d, net_state)
+    path = files[case]
+    if command == "check":
+        if case == "onnx":  # a checkpoint where an ONNX file is expected
+            assert_bad(["check", net_state, "--against", net_state, "-m", "wsnets:build"],
+                       "net.pt", "ONNX", cwd=d)
+            return
+        args: list[str | Path] = ["check", _good_onnx(d), "--against", path, "-m", "wsnets:build"]
+    else:
+        args = [command, path, "-m", "wsnets:build"]
+    assert_bad(args, path.name, NEEDLES[case], cwd=d)
+
+
+_ONNX_CACHE: dict[str, bytes] = {}
+
+
+def _good_onnx(d: Path) -> Path:
+    path = d / "good.onnx"
+    if path.exists():
+        return path
+    if "bytes" not in _ONNX_CACHE:
+        from wsconvert.export import ExportConfig, export_onnx
+
+        import wsnets  # type: ignore[import-not-found]
+
+        export_onnx(wsnets.build(), d / "tmp.onnx", ExportConfig(((1, 3, 8, 8),)))
+        _ONNX_CACHE["bytes"] = (d / "tmp.onnx").read_bytes()
+        (d / "tmp.onnx").unlink()
+    path.write_bytes(_ONNX_CACHE["bytes"])
+    return path
+
+
+def test_state_dict_and_model_problems(net_state: Path) -> None:
+    d = net_state.parent
+    sd = torch.load(net_state, weights_only=True)
+    bad = dict(sd)
+    bad.pop("stem.weight")
+    bad["bogus"] = torch.zeros(2)
+    bad["head.weight"] = torch.zeros(9, 9)
+    torch.save(bad, d / "bad.pt")
+    for cmd in ("apply", "inspect", "fold"):
+        assert_bad([cmd, "bad.pt", "-m", "wsnets:build"], "bad.pt", "missing (stem.weight)",
+                   "unexpected (bogus)", "mis-shaped", cwd=d)
+        assert_bad([cmd, net_state, "-m", "nope_mod:build"], "cannot import", cwd=d)
+        assert_bad([cmd, net_state, "-m", "wsnets:broken"], "factory exploded", cwd=d)
+        assert_bad([cmd, net_state, "-m", "wsnets:build", "--model-kwargs", "[1]"], "JSON", cwd=d)
+    torch.save(nn.Sequential(nn.Linear(3, 3)).state_dict(), d / "lin.pt")
+    assert_bad(["apply", "lin.pt", "-m", "torch.nn:Sequential"], "lin.pt", cwd=d)
+    nan = dict(sd)
+    nan["stem.weight"] = sd["stem.weight"].clone().fill_(float("nan"))
+    torch.save(nan, d / "nan.pt")
+    assert_bad(["apply", "nan.pt", "-m", "wsnets:build"], "nan.pt", "NaN", cwd=d)
+    assert invoke("apply", net_state, "-m", "wsnets:build")[0] == 0
+    ws = d / "net.ws.pt"
+    assert_bad(["apply", ws, "-o", "again.pt"], "net.ws.pt", "already has Weight", cwd=d)
+    assert_bad(["fold", ws, "--onnx", "o.onnx", "--input-shape", "1,3,x"], "--input-shape", cwd=d)
+    assert_bad(["fold", ws, "--onnx", "o.onnx", "--input-shape", "1,7,8,8"], "does not fit",
+               cwd=d)
+    assert_bad(["check", _good_onnx(d), "--against", ws, "--input-shape", "1,7,8,8"],
+               "does not fit", cwd=d)
+    target = "/proc/wsconvert-out.pt" if os.geteuid() == 0 else str(d / "ro" / "x.pt")
+    if os.geteuid() != 0:
+        (d / "ro").mkdir()
+        (d / "ro").chmod(0o500)
+    assert_bad(["apply", net_state, "-m", "wsnets:build", "-o", target, "--force"], "x.pt"
+               if os.geteuid() != 0 else "wsconvert-out.pt", cwd=d)
+
+
+def test_untrusted_pickle_never_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    marker = tmp_path / "marker"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "payload": RunsCode(marker)},
+               tmp_path / "evil.pt")
+    with pytest.raises(UntrustedCheckpointError, match="builtins.exec"):
+        wsconvert.load_model(tmp_path / "evil.pt")
+    with pytest.raises(UntrustedCheckpointError):
+        wsconvert.load(tmp_path / "evil.pt")
+    for cmd in ("apply", "inspect", "fold"):
+        one_line_error(run(cmd, "evil.pt", cwd=tmp_path), 2, "builtins.exec", "--trust")
+    assert not marker.exists()
+    # The payload is real: trusting the file does run it.
+    with pytest.raises(Exception):  # noqa: B017, PT011 - whatever follows, the code has run
+        wsconvert.load_model(tmp_path / "evil.pt", trust=True)
+    assert marker.read_text() == "pwned"
+
+
+def _corrupt(data: bytes, rng: random.Random) -> bytes:
+    kind = rng.randrange(3)
+    buf = bytearray(data)
+    if kind == 0:  # flipped bytes
+        for _ in range(rng.randint(1, 8)):
+            buf[rng.randrange(len(buf))] ^= 1 << rng.randrange(8)
+        return bytes(buf)
+    if kind == 1:  # truncation
+        return bytes(buf[: rng.randrange(1, len(buf))])
+    # spliced zip members: swap the contents of two members, or drop one
+    src = zipfile.ZipFile(io.BytesIO(data))
+    names = src.namelist()
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as dst:
+        a, b = rng.sample(names, 2)
+        drop = rng.random() < 0.3
+        for n in names:
+            if drop and n == a:
+                continue
+            payload = src.read(b if n == a else a if n == b else n)
+            dst.writestr(n, payload)
+    return out.getvalue()
+
+
+def test_fuzz_corrupted_checkpoints(net_state: Path) -> None:
+    d = net_state.parent
+    assert invoke("apply", net_state, "-m", "wsnets:build")[0] == 0
+    sources = {"state": net_state.read_bytes(), "ws": (d / "net.ws.pt").read_bytes()}
+    rng = random.Random(1234)
+    outcomes: dict[int, int] = {}
+    for i in range(210):
+        src = rng.choice(sorted(sources))
+        bad = d / f"fuzz{i}.pt"
+        bad.write_bytes(_corrupt(sources[src], rng))
+        before = sha(bad)
+        for cmd in ("apply", "inspect", "fold"):
+            out = d / f"fuzz{i}.{cmd}.out"
+            args: list[str | Path] = [cmd, bad, "-m", "wsnets:build"]
+            if cmd != "inspect":
+                args += ["-o", out]
+            t0 = time.perf_counter()
+            code, _, err = invoke(*args)  # raises on any uncaught exception
+            assert time.perf_counter() - t0 < 60, f"case {i} {cmd} took too long"
+            assert code in (0, 2), (i, cmd, err)
+            assert "Traceback" not in err
+            if code == 2:
+                assert len(err.strip().splitlines()) == 1, err
+                assert not out.exists()
+            outcomes[code] = outcomes.get(code, 0) + 1
+        assert sha(bad) == before
+        assert not [p for p in d.iterdir() if p.name.startswith(".")], "temp file left behind"
+    assert outcomes.get(2, 0) > 300  # most corruptions must be caught, not silently accepted
+
+
+def test_outputs_are_deterministic(net_state: Path) -> None:
+    d = net_state.parent
+    for name in ("a.ws.pt", "b.ws.pt"):
+        assert invoke("apply", net_state, "-m", "wsnets:build", "-o", name)[0] == 0
+    assert sha(d / "a.ws.pt") == sha(d / "b.ws.pt")
+    for name in ("a.f.pt", "b.f.pt"):
+        assert invoke("fold", net_state, "-m", "wsnets:build", "-o", name)[0] == 0
+    assert sha(d / "a.f.pt") == sha(d / "b.f.pt")
+    code, _, err = invoke("fold", net_state, "-m", "wsnets:build", "-o", "c.f.pt", "--onnx",
+                          "n.onnx", "--input-shape", "1,3,8,8", "--no-check")
+    assert code == 0, err
+    onnx_file = d / "n.onnx"
+    reports = []
+    for name in ("r1.json", "r2.json"):
+        code, _, err = invoke("check", onnx_file, "--against", net_state, "-m", "wsnets:build",
+                              "--report", name)
+        assert code == 0, err
+        reports.append((d / name).read_bytes())
+    assert reports[0] == reports[1]
+
+
+def test_existing_output_not_overwritten(net_state: Path) -> None:
+    d = net_state.parent
+    (d / "net.ws.pt").write_bytes(b"precious")
+    assert_bad(["apply", net_state, "-m", "wsnets:build"], "already exists", cwd=d)
+    assert (d / "net.ws.pt").read_bytes() == b"precious"
+    assert_bad(["apply", net_state, "-m", "wsnets:build", "-o", net_state, "--force"],
+               "overwrite the input", cwd=d)
+
+
+def test_torchscript_refused_even_with_trust(tmp_path: Path) -> None:
+    path = tmp_path / "scripted.pt"
+    torch.jit.script(nn.Sequential(nn.Conv2d(3, 4, 3))).save(str(path))
+    with pytest.raises(wsconvert.WsconvertError, match="TorchScript"):
+        wsconvert.load_model(path, trust=True)
