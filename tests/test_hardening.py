@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_cli import one_line_error, run, sha
 from torch import nn
 from typer.testing import CliRunner
 
 import wsconvert
-from test_cli import one_line_error, run, sha
 from wsconvert.cli.app import app
 from wsconvert.errors import UntrustedCheckpointError
 
@@ -106,9 +106,9 @@ def _good_onnx(d: Path) -> Path:
     if path.exists():
         return path
     if "bytes" not in _ONNX_CACHE:
-        from wsconvert.export import ExportConfig, export_onnx
-
         import wsnets  # type: ignore[import-not-found]
+
+        from wsconvert.export import ExportConfig, export_onnx
 
         export_onnx(wsnets.build(), d / "tmp.onnx", ExportConfig(((1, 3, 8, 8),)))
         _ONNX_CACHE["bytes"] = (d / "tmp.onnx").read_bytes()
@@ -158,7 +158,7 @@ def test_untrusted_pickle_never_runs(tmp_path: Path, monkeypatch: pytest.MonkeyP
     marker = tmp_path / "marker"
     torch.save({"state_dict": {"w": torch.zeros(1)}, "payload": RunsCode(marker)},
                tmp_path / "evil.pt")
-    with pytest.raises(UntrustedCheckpointError, match="builtins.exec"):
+    with pytest.raises(UntrustedCheckpointError, match=r"builtins\.exec"):
         wsconvert.load_model(tmp_path / "evil.pt")
     with pytest.raises(UntrustedCheckpointError):
         wsconvert.load(tmp_path / "evil.pt")
@@ -166,7 +166,7 @@ def test_untrusted_pickle_never_runs(tmp_path: Path, monkeypatch: pytest.MonkeyP
         one_line_error(run(cmd, "evil.pt", cwd=tmp_path), 2, "builtins.exec", "--trust")
     assert not marker.exists()
     # The payload is real: trusting the file does run it.
-    with pytest.raises(Exception):  # noqa: B017, PT011 - whatever follows, the code has run
+    with pytest.raises(Exception):  # noqa: B017 - whatever follows, the code has run
         wsconvert.load_model(tmp_path / "evil.pt", trust=True)
     assert marker.read_text() == "pwned"
 
