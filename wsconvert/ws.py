@@ -50,38 +50,51 @@ __all__ = [
 INIT_MODES = ("plain", "scale", "exact")
 
 
+_bn_backward = torch.ops.aten.native_batch_norm_backward
+
+
 class _Standardize(torch.autograd.Function):
-    """``y = (x - mu) * s`` per row, statistics in float32 or wider, closed-form backward."""
+    """``y = (x - mu) * s`` per row, statistics in float32 or wider, closed-form backward.
+
+    The backward ``s * (g - mean(g) - r * mean(g * y) * y)`` (``r = k / s``) is exactly batch
+    norm's training backward for an input ``y`` with mean 0, "inverse std" ``sqrt(r)`` and affine
+    weight ``s / sqrt(r)``; ATen's fused kernel does it in two passes over the rows.
+    """
 
     @staticmethod
     def forward(ctx: Any, rows: Tensor, eps: float, unbiased: bool, eps_in_sqrt: bool) -> Tensor:
         x = rows if rows.dtype in (torch.float32, torch.float64) else rows.float()
         n = x.shape[1]
         b = 1 if unbiased else 0
-        var, mu = torch.var_mean(x, dim=1, keepdim=True, correction=b)
+        ratio = n / max(n - b, 1)
+        # Centre, then the norm of the centred rows: as exact as ``var_mean`` and several times
+        # faster on CPU, where ``var_mean``'s Welford kernel is compute-bound.
+        y = x - x.mean(dim=1, keepdim=True)
+        norm = torch.linalg.vector_norm(y, dim=1, keepdim=True)
         if eps_in_sqrt:
-            s = torch.rsqrt(var + eps)
-            k = s * (n / (n - b))
+            s = norm.square_().div_(n - b).add_(eps).rsqrt_()
+            sqrt_r = torch.full_like(s, ratio ** 0.5)
         else:
-            sigma = var.sqrt()
-            s = 1.0 / (sigma + eps)
-            # sigma == 0 (a constant filter) has no derivative; take the zero subgradient.
-            k = torch.where(sigma > 0, (n / (n - b)) / sigma, torch.zeros_like(sigma))
-        y = torch.addcmul(-mu * s, x, s)
-        ctx.save_for_backward(y, s, k)
-        return y.to(rows.dtype)
+            sigma = norm.div_((n - b) ** 0.5 if n > b else 0.0)
+            s = torch.reciprocal(sigma + eps)
+            # sigma == 0 (a constant filter, y == 0) has no derivative; any finite r gives the
+            # subgradient s * (g - mean(g)).
+            r = torch.where(sigma > 0, (sigma + eps).div_(sigma), 1.0).mul_(ratio)
+            sqrt_r = r.sqrt_()
+        y.mul_(s)
+        ctx.save_for_backward(y, s, sqrt_r)
+        return y if rows.dtype is y.dtype else y.to(rows.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
-        y, s, k = ctx.saved_tensors
-        g = grad.to(y.dtype)
-        n = y.shape[1]
-        mean_g = g.mean(dim=1, keepdim=True)
-        mean_gy = torch.linalg.vecdot(g, y, dim=1).unsqueeze(1) / n
-        gx = torch.addcmul(-s * mean_g, g, s)
-        gx.addcmul_(y, -k * mean_gy)
-        return gx.to(grad.dtype), None, None, None
+        y, s, sqrt_r = ctx.saved_tensors
+        g = grad if grad.dtype is y.dtype else grad.to(y.dtype)
+        o = y.shape[0]
+        gx = _bn_backward(g.unsqueeze(0), y.unsqueeze(0), (s / sqrt_r).view(o), None, None,
+                          y.new_zeros(o), sqrt_r.view(o), True, 0.0, [True, False, False])[0]
+        gx = gx.view(y.shape)
+        return (gx if grad.dtype is gx.dtype else gx.to(grad.dtype)), None, None, None
 
 
 def _no_autocast(device_type: str) -> contextlib.AbstractContextManager[Any]:

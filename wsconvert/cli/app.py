@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from wsconvert import __version__
-from wsconvert.cli import apply, check, demo, fold, inspect
+from wsconvert.cli import apply, bench, check, demo, fold, inspect
 
 HELP = """Weight Standardization for models you already have (arXiv:1903.10520).
 
@@ -16,6 +16,7 @@ Examples:
   wsconvert demo                                     # whole pipeline on the bundled example
   wsconvert apply model.pt --model pkg.nets:build    # WS on a state dict's convs
   wsconvert inspect model.ws.pt --json               # per-layer WS status and filter stats
+  wsconvert bench --batch-sizes 1,8                  # WS training-step overhead vs plain
   wsconvert fold model.ws.pt --onnx model.onnx       # static weights, ONNX, parity check
   wsconvert check model.onnx --against model.ws.pt   # the CI gate: exit 0 / 1 / 2
 """
@@ -42,6 +43,7 @@ app.command("inspect", no_args_is_help=True)(inspect.inspect_cmd)
 app.command("fold", no_args_is_help=True)(fold.fold_cmd)
 app.command("check", no_args_is_help=True)(check.check_cmd)
 app.command("demo")(demo.demo_cmd)
+app.command("bench")(bench.bench_cmd)
 
 
 def main() -> None:
