@@ -52,6 +52,15 @@ def timm_batch_norm(weight: torch.Tensor, eps: float = 1e-6,
                         momentum=0.0, eps=eps).reshape_as(weight)
 
 
+def mmcv_aws(weight: torch.Tensor) -> torch.Tensor:
+    """mmcv ConvAWS2d._get_weight before its gamma/beta: unbiased var, eps 1e-5 inside sqrt."""
+    view = (-1, *[1] * (weight.dim() - 1))
+    weight_flat = weight.view(weight.size(0), -1)
+    mean = weight_flat.mean(dim=1).view(view)
+    std = torch.sqrt(weight_flat.var(dim=1) + 1e-5).view(view)
+    return (weight - mean) / std
+
+
 SHAPES = [(8, 3, 3, 3), (6, 4, 5), (4, 2, 1, 3, 3), (16, 1, 3, 3), (5, 7)]
 
 
@@ -67,6 +76,7 @@ def test_each_convention_matches_its_oracle(shape: tuple[int, ...], dtype: torch
     torch.testing.assert_close(standardize_weight(w, "timm"), timm_batch_norm(w), **tol)
     torch.testing.assert_close(standardize_weight(w, "timm", eps=1e-8),
                                timm_batch_norm(w, eps=1e-8), **tol)
+    torch.testing.assert_close(standardize_weight(w, "aws"), mmcv_aws(w), **tol)
     torch.testing.assert_close(standardize_weight(w, "scaled"),
                                timm_batch_norm(w, gain=torch.ones(shape[0], dtype=dtype)), **tol)
 
@@ -100,7 +110,7 @@ def test_half_precision_statistics_in_float32() -> None:
 
 
 def test_registry_and_unknown_name() -> None:
-    assert set(CONVENTIONS) == {"paper", "tf", "bit", "timm", "scaled"}
+    assert set(CONVENTIONS) == {"paper", "tf", "bit", "timm", "scaled", "aws"}
     assert get_convention("bit").eps == 1e-10
     assert "sqrt(var_b + eps)" in get_convention("timm").formula
     with pytest.raises(UsageError, match="unknown convention"):

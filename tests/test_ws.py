@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_conventions import bit_var_mean, seed_paper, tf_keras, timm_batch_norm
+from test_conventions import bit_var_mean, mmcv_aws, seed_paper, tf_keras, timm_batch_norm
 from torch import nn
 from torch.func import functional_call
 from torch.nn.utils import parametrize
@@ -19,6 +19,7 @@ ORACLES = {
     "bit": bit_var_mean,
     "timm": timm_batch_norm,
     "scaled": lambda w: timm_batch_norm(w, gain=torch.ones(w.shape[0], dtype=w.dtype)),
+    "aws": mmcv_aws,
 }
 
 

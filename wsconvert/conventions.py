@@ -15,6 +15,7 @@ tf       ``(w - mu) / (std_biased + eps)``, eps 1e-5             the paper's TF 
 bit      ``(w - mu) / sqrt(var_biased + eps)``, eps 1e-10        BiT (big_transfer)
 timm     ``(w - mu) / sqrt(var_biased + eps)``, eps 1e-6         timm ``StdConv2d``
 scaled   ``gain * gamma * N**-0.5 * (w - mu) / sqrt(var_b + eps)`` timm ``ScaledStdConv2d`` (NFNet)
+aws      ``(w - mu) / sqrt(var_unbiased + eps)``, eps 1e-5             mmcv ``ConvAWS2d``
 ======== ======================================================= =============================
 
 Functions here work on *rows*: a 2-D ``[out_channels, fan_in]`` view of a weight. Layout helpers
@@ -80,6 +81,7 @@ CONVENTIONS: dict[str, Convention] = {
         Convention("bit", 1e-10, False, True, False, "BiT (big_transfer); Composer"),
         Convention("timm", 1e-6, False, True, False, "timm StdConv2d; HF transformers BiT"),
         Convention("scaled", 1e-6, False, True, True, "timm ScaledStdConv2d (NFNet)"),
+        Convention("aws", 1e-5, True, True, False, "mmcv ConvAWS2d (DetectoRS), before its affine"),
     )
 }
 

@@ -16,10 +16,13 @@ from typing import Any, cast
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from wsconvert.conventions import standardize_rows
 from wsconvert.errors import ConversionError
-from wsconvert.surgery import unregister_ws, ws_layers
+from wsconvert.foreign import PARAMETRIZATIONS, find_adapter, fold_foreign
+from wsconvert.surgery import bake_parametrizations, unregister_ws, ws_layers
 from wsconvert.ws import trainable_weight, ws_parametrization
 
 __all__ = ["FoldRecord", "FoldReport", "fold_ws", "folded_weight"]
@@ -27,7 +30,12 @@ __all__ = ["FoldRecord", "FoldReport", "fold_ws", "folded_weight"]
 
 @dataclass(frozen=True)
 class FoldRecord:
-    """One folded layer (``kind`` ``"ws"``) or one BatchNorm fused into its conv (``"bn"``)."""
+    """One folded layer or fused BatchNorm.
+
+    ``kind``: ``ws`` (wsconvert's own), ``foreign`` (another library's WS layer),
+    ``parametrization`` (a known WS parametrization), ``baked`` (an unknown parametrization, with
+    ``bake_unknown``), ``bn`` (a BatchNorm fused into its conv).
+    """
 
     name: str
     kind: str
@@ -117,11 +125,69 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def fold_ws(model: nn.Module, *, fuse_bn: bool = False, inplace: bool = False) -> FoldReport:
+def _fold_parametrized(target: nn.Module, report: FoldReport, bake_unknown: bool) -> None:
+    """Composer-style WS parametrizations fold exactly; unknown ones only when asked."""
+    for name, module in list(target.named_modules()):
+        if not parametrize.is_parametrized(module):
+            continue
+        plist = cast(nn.ModuleDict, module.parametrizations)
+        chains = {k: list(cast(nn.ModuleList, plist[k])) for k in plist}
+        weight_chain = chains.get("weight", [])
+        known = (set(chains) == {"weight"} and len(weight_chain) == 1
+                 and type(weight_chain[0]).__name__ in PARAMETRIZATIONS)
+        if known:
+            convention, eps = PARAMETRIZATIONS[type(weight_chain[0]).__name__](weight_chain[0])
+            original = trainable_weight(module).detach()
+            rows = standardize_rows(original.double().reshape(original.shape[0], -1),
+                                    convention, eps)
+            bake_parametrizations(module, {"weight": rows.reshape(original.shape).to(
+                original.dtype)})
+            report.folded.append(FoldRecord(name, "parametrization", type(module).__name__,
+                                            f"{type(weight_chain[0]).__name__}: {convention} "
+                                            f"eps={eps:g}"))
+            continue
+        kinds = ", ".join(f"{k}: {'+'.join(type(p).__name__ for p in c)}"
+                          for k, c in chains.items())
+        if not bake_unknown:
+            raise ConversionError(f"layer {name or '<root>'} carries an unknown parametrization "
+                                  f"({kinds}); pass --bake-unknown to bake its current value")
+        with torch.no_grad():
+            values = {k: getattr(module, k).detach().clone() for k in chains}
+        bake_parametrizations(module, values)
+        report.folded.append(FoldRecord(name, "baked", type(module).__name__,
+                                        f"unknown parametrization baked ({kinds})"))
+
+
+def _fold_foreign(target: nn.Module, report: FoldReport) -> nn.Module:
+    for name, module in list(target.named_modules()):
+        adapter = find_adapter(module)
+        if adapter is None:
+            continue
+        convention, eps = adapter.convention(module)
+        plain = fold_foreign(module, adapter)
+        if not name:
+            target = plain
+        else:
+            _set_module(target, name, plain)
+        report.folded.append(FoldRecord(name, "foreign", adapter.name,
+                                        f"{convention} eps={eps:g}"
+                                        + (", dynamic SAME padding kept"
+                                           if adapter.dynamic_same(module) else "")))
+    return target
+
+
+def fold_ws(model: nn.Module, *, fuse_bn: bool = False, bake_unknown: bool = False,
+            inplace: bool = False) -> FoldReport:
     """Bake every WS layer into a plain layer of its original class holding the effective weight.
+
+    Folds wsconvert's own WS, the foreign WS layers of :mod:`wsconvert.foreign` (timm, HF BiT,
+    BiT, mmcv; as plain ``nn.Conv2d``, or :class:`~wsconvert.foreign.SamePadConv2d` where the
+    layer pads 'SAME' from the input size) and WS parametrizations such as Composer's.
 
     Args:
         model: a model with WS layers (a model without any is returned unchanged, ``noop``).
+        bake_unknown: bake the current value of parametrizations that are not known WS
+            (otherwise they are an error).
         fuse_bn: also fuse eval-mode BatchNorms into the conv they follow
             (:func:`torch.nn.utils.fusion.fuse_conv_bn_eval`); the BN becomes ``nn.Identity``,
             so the state dict then fits the fused architecture, not the original one.
@@ -131,7 +197,8 @@ def fold_ws(model: nn.Module, *, fuse_bn: bool = False, inplace: bool = False) -
         A :class:`FoldReport`; ``report.model`` is the plain model, in eval mode.
 
     Raises:
-        ConversionError: a WS layer also carries another parametrization.
+        ConversionError: a WS layer also carries another parametrization, or a layer carries an
+            unknown parametrization and ``bake_unknown`` is not set.
 
     Example:
         >>> ws = wsconvert.apply_ws(nn.Sequential(nn.Conv2d(3, 4, 3))).model
@@ -147,6 +214,8 @@ def fold_ws(model: nn.Module, *, fuse_bn: bool = False, inplace: bool = False) -
         unregister_ws(module, weight)
         report.folded.append(FoldRecord(name, "ws", type(module).__name__,
                                         f"{p.convention} eps={p.eps:g} init={p.init}"))
+    _fold_parametrized(target, report, bake_unknown)
+    target = report.model = _fold_foreign(target, report)
     if fuse_bn:
         for conv_name, bn_name in _conv_bn_pairs(target):
             conv = target.get_submodule(conv_name)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 from wsconvert.conventions import fan_in, to_rows
+from wsconvert.foreign import PARAMETRIZATIONS, find_adapter
 from wsconvert.surgery import FOREIGN_WS_CLASSES, candidate_layers
 from wsconvert.ws import trainable_weight, ws_parametrization
 
@@ -23,14 +24,18 @@ class LayerInfo:
     ``mean_abs_max`` is the largest ``|mean|`` of any output channel's filter and
     ``std_min`` / ``std_max`` the range of the filters' (biased) std, all on the stored weight
     (for WS layers, the trainable weight before standardization). A standardized filter has mean 0
-    and std 1.
+    and std 1. ``ws`` says who standardizes the layer: ``wsconvert``; ``foreign`` (a known layer
+    class of another library, see :mod:`wsconvert.foreign`); ``parametrization`` (a known WS
+    parametrization, e.g. Composer's); ``unknown`` (some other parametrization on the weight:
+    ``fold`` bakes it only with ``--bake-unknown``); ``none``.
     """
 
     name: str
     kind: str
     shape: tuple[int, ...]
     fan_in: int
-    ws: str  # "wsconvert", "foreign", "none"
+    ws: str  # "wsconvert", "foreign", "parametrization", "unknown", "none"
+    source: str | None  # the foreign layer / parametrization, when not wsconvert's own
     convention: str | None
     eps: float | None
     init: str | None
@@ -42,6 +47,31 @@ class LayerInfo:
         d = asdict(self)
         d["shape"] = list(self.shape)
         return d
+
+
+def _who_standardizes(module: nn.Module, kind: str
+                      ) -> tuple[str, str | None, str | None, float | None]:
+    p = ws_parametrization(module)
+    if p is not None:
+        return "wsconvert", None, p.convention, p.eps
+    adapter = find_adapter(module)
+    if adapter is not None:
+        convention, eps = adapter.convention(module)
+        return "foreign", adapter.name, convention, eps
+    if parametrize.is_parametrized(module):
+        plist = cast(nn.ModuleDict, module.parametrizations)
+        chains = {k: list(cast(nn.ModuleList, plist[k])) for k in plist}
+        weight_chain = chains.get("weight", [])
+        if set(chains) == {"weight"} and len(weight_chain) == 1 and (
+                type(weight_chain[0]).__name__ in PARAMETRIZATIONS):
+            convention, eps = PARAMETRIZATIONS[type(weight_chain[0]).__name__](weight_chain[0])
+            return "parametrization", type(weight_chain[0]).__name__, convention, eps
+        names = "; ".join(f"{k}: {'+'.join(type(x).__name__ for x in c)}"
+                          for k, c in chains.items())
+        return "unknown", names, None, None
+    if kind in FOREIGN_WS_CLASSES:
+        return "foreign", f"{kind} (attributes not recognized)", None, None
+    return "none", None, None, None
 
 
 def inspect_model(model: nn.Module) -> list[LayerInfo]:
@@ -64,12 +94,11 @@ def inspect_model(model: nn.Module) -> list[LayerInfo]:
             rows = to_rows(stored.detach(), transposed=transposed, groups=groups).double()
             std, mean = torch.std_mean(rows, dim=1, correction=0)
         kind = parametrize.type_before_parametrizations(module).__name__
-        status = "wsconvert" if p is not None else (
-            "foreign" if kind in FOREIGN_WS_CLASSES else "none")
+        status, source, convention, eps = _who_standardizes(module, kind)
         infos.append(LayerInfo(
             name=name, kind=kind, shape=tuple(stored.shape),
             fan_in=fan_in(stored.shape, transposed=transposed, groups=groups), ws=status,
-            convention=p.convention if p else None, eps=p.eps if p else None,
+            source=source, convention=convention, eps=eps,
             init=p.init if p else None, mean_abs_max=float(mean.abs().max()),
             std_min=float(std.min()), std_max=float(std.max())))
     return infos

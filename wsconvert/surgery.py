@@ -32,6 +32,7 @@ __all__ = [
     "ApplyReport",
     "LayerRecord",
     "apply_ws",
+    "bake_parametrizations",
     "candidate_layers",
     "restore_ws",
     "unregister_ws",
@@ -127,6 +128,17 @@ def _kind(module: nn.Module) -> str:
     return parametrize.type_before_parametrizations(module).__name__
 
 
+def _foreign(module: nn.Module) -> bool:
+    from wsconvert.foreign import PARAMETRIZATIONS, find_adapter
+
+    if find_adapter(module) is not None:
+        return True
+    if parametrize.is_parametrized(module, "weight"):
+        plist = cast(nn.ModuleDict, module.parametrizations)["weight"]
+        return any(type(p).__name__ in PARAMETRIZATIONS for p in cast(nn.ModuleList, plist))
+    return False
+
+
 def _refuse_existing_ws(model: nn.Module) -> None:
     for name, module in model.named_modules():
         label = name or "<root>"
@@ -134,7 +146,7 @@ def _refuse_existing_ws(model: nn.Module) -> None:
             raise ConversionError(
                 f"model already has Weight Standardization (layer {label}); refusing to apply it "
                 "twice")
-        if _kind(module) in FOREIGN_WS_CLASSES:
+        if _kind(module) in FOREIGN_WS_CLASSES or _foreign(module):
             raise ConversionError(
                 f"model already standardizes its weights (layer {label} is a {_kind(module)}); "
                 "refusing to apply WS twice")
@@ -269,13 +281,33 @@ def restore_ws(model: nn.Module, configs: dict[str, dict[str, Any]]) -> None:
                   float(cfg.get("scaled_gamma", 1.0)))
 
 
+def bake_parametrizations(module: nn.Module, values: dict[str, torch.Tensor]) -> None:
+    """Replace every parametrized tensor of ``module`` by a plain Parameter holding ``values``.
+
+    Restores the module's original class. Unlike
+    :func:`torch.nn.utils.parametrize.remove_parametrizations` this never edits the generated
+    ``Parametrized*`` class, which ``copy.deepcopy`` shares between a model and its copies:
+    removing through one copy would break the others.
+
+    Raises:
+        ConversionError: ``values`` does not name exactly the parametrized tensors.
+    """
+    plist = cast(nn.ModuleDict, module.parametrizations)
+    if set(plist.keys()) != set(values):
+        raise ConversionError(f"cannot bake {sorted(values)}: the layer parametrizes "
+                              f"{sorted(plist.keys())}")
+    grads = {k: bool(cast(Any, plist[k]).original.requires_grad) for k in values}
+    base = parametrize.type_before_parametrizations(module)
+    del module._modules["parametrizations"]
+    module.__class__ = base
+    for name, value in values.items():
+        module.register_parameter(name, nn.Parameter(value, requires_grad=grads[name]))
+
+
 def unregister_ws(module: nn.Module, weight: torch.Tensor | None = None) -> nn.Parameter:
     """Take WS off ``module``: its class back to the original and ``weight`` a plain Parameter.
 
     The new Parameter holds ``weight`` when given, else the trainable (unstandardized) tensor.
-    Unlike :func:`torch.nn.utils.parametrize.remove_parametrizations` this never edits the
-    generated ``Parametrized*`` class, which ``copy.deepcopy`` shares between a model and its
-    copies: removing through one copy would break the others.
 
     Raises:
         ConversionError: ``module`` has no WS, or has other parametrizations too.
@@ -285,12 +317,6 @@ def unregister_ws(module: nn.Module, weight: torch.Tensor | None = None) -> nn.P
     plist = cast(nn.ModuleDict, module.parametrizations)
     if len(plist) != 1 or len(cast(nn.ModuleList, plist["weight"])) != 1:
         raise ConversionError("layer carries other parametrizations besides WS; remove them first")
-    original = trainable_weight(module)
-    base = parametrize.type_before_parametrizations(module)
-    del module._modules["parametrizations"]
-    module.__class__ = base
-    value = original if weight is None else weight
-    param = nn.Parameter(value.detach().clone() if weight is not None else value.detach(),
-                         requires_grad=original.requires_grad)
-    module.register_parameter("weight", param)
-    return param
+    value = trainable_weight(module).detach() if weight is None else weight.detach().clone()
+    bake_parametrizations(module, {"weight": value})
+    return cast(nn.Parameter, module.weight)

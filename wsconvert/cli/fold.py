@@ -41,6 +41,9 @@ def fold_cmd(
         show_default=False)] = None,
     whole_module: Annotated[bool, typer.Option(
         "--whole-module", help="Save the pickled module instead of a state dict.")] = False,
+    bake_unknown: Annotated[bool, typer.Option(
+        "--bake-unknown", help="Bake the current value of parametrizations that are not known "
+                               "WS (see `inspect`).")] = False,
     fuse_bn: Annotated[bool, typer.Option(
         "--fuse-bn", help="Also fuse eval-mode BatchNorm into the preceding conv.")] = False,
     onnx: Annotated[Path | None, typer.Option(
@@ -96,7 +99,7 @@ def fold_cmd(
         ws_model = load_model(checkpoint, model, model_kwargs, trust=trust,
                               allow_classes=allow_class or ()).model
     ws_model.eval()
-    result = fold_ws(ws_model, fuse_bn=fuse_bn)
+    result = fold_ws(ws_model, fuse_bn=fuse_bn, bake_unknown=bake_unknown)
     folded = result.model
     payload: dict[str, Any] = {"input": str(checkpoint), "output": str(target),
                                "fold": result.to_dict()}

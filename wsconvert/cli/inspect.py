@@ -26,8 +26,12 @@ def _table(layers: list[dict[str, Any]], title: str) -> Any:
     for r in layers:
         if r["ws"] == "wsconvert":
             ws = f"[green]{r['convention']} eps={r['eps']:g} init={r['init']}[/]"
+        elif r["ws"] in ("foreign", "parametrization") and r["convention"]:
+            ws = f"[cyan]{escape(r['source'])}: {r['convention']} eps={r['eps']:g}[/]"
+        elif r["ws"] in ("foreign", "unknown"):
+            ws = f"[yellow]{r['ws']}: {escape(r['source'])}[/]"
         else:
-            ws = "[yellow]foreign WS layer[/]" if r["ws"] == "foreign" else "-"
+            ws = "-"
 
         table.add_row(escape(r["name"] or "<root>"), r["kind"],
                       "x".join(str(s) for s in r["shape"]), str(r["fan_in"]), ws,
@@ -57,8 +61,12 @@ def inspect_cmd(
     loaded = load_model(checkpoint, model, model_kwargs, trust=trust,
                         allow_classes=allow_class or ())
     layers = [info.to_dict() for info in inspect_model(loaded.model)]
-    n_ws = sum(1 for r in layers if r["ws"] == "wsconvert")
+    n_ws = sum(1 for r in layers if r["ws"] in ("wsconvert", "foreign", "parametrization"))
+    n_unknown = sum(1 for r in layers if r["ws"] == "unknown")
     out.data({"input": str(checkpoint), "source": loaded.source, "layers": layers,
-              "ws_layers": n_ws})
+              "ws_layers": n_ws, "unknown_parametrizations": n_unknown})
     out.result(_table(layers, f"Layers of {escape(checkpoint)} ({loaded.source})"))
     out.result(f"{len(layers)} conv/linear layer(s), {n_ws} with WS")
+    if n_unknown:
+        out.result(f"[yellow]{n_unknown} layer(s) carry a parametrization that is not known WS: "
+                   "`wsconvert fold` bakes them only with --bake-unknown[/]")
