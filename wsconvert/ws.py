@@ -54,15 +54,18 @@ _bn_backward = torch.ops.aten.native_batch_norm_backward
 
 
 class _Standardize(torch.autograd.Function):
-    """``y = (x - mu) * s`` per row, statistics in float32 or wider, closed-form backward.
+    """``z = a * (x - mu) * s + c`` per row (``a``, ``c`` optional), statistics in float32 or
+    wider, closed-form backward.
 
-    The backward ``s * (g - mean(g) - r * mean(g * y) * y)`` (``r = k / s``) is exactly batch
-    norm's training backward for an input ``y`` with mean 0, "inverse std" ``sqrt(r)`` and affine
-    weight ``s / sqrt(r)``; ATen's fused kernel does it in two passes over the rows.
+    The backward ``a * s * (g - mean(g) - r * mean(g * y) * y)`` (``y = (x - mu) * s``,
+    ``r = k / s``) is exactly batch norm's training backward for an input ``y`` with mean 0,
+    "inverse std" ``sqrt(r)`` and affine weight ``a * s / sqrt(r)``; ATen's fused kernel does it in
+    two passes over the rows and also returns ``sum(g * y)`` (the gradient of ``a``).
     """
 
     @staticmethod
-    def forward(ctx: Any, rows: Tensor, eps: float, unbiased: bool, eps_in_sqrt: bool) -> Tensor:
+    def forward(ctx: Any, rows: Tensor, eps: float, unbiased: bool, eps_in_sqrt: bool,
+                scale: Tensor | None, shift: Tensor | None) -> Tensor:
         x = rows if rows.dtype in (torch.float32, torch.float64) else rows.float()
         n = x.shape[1]
         b = 1 if unbiased else 0
@@ -82,19 +85,34 @@ class _Standardize(torch.autograd.Function):
             r = torch.where(sigma > 0, (sigma + eps).div_(sigma), 1.0).mul_(ratio)
             sqrt_r = r.sqrt_()
         y.mul_(s)
-        ctx.save_for_backward(y, s, sqrt_r)
-        return y if rows.dtype is y.dtype else y.to(rows.dtype)
+        a = None if scale is None else scale.to(y.dtype).unsqueeze(1)
+        ctx.save_for_backward(y, s, sqrt_r, a)
+        ctx.dtypes = (rows.dtype, None if scale is None else scale.dtype,
+                      None if shift is None else shift.dtype)
+        z = y if a is None else y * a
+        if shift is not None:
+            z = (z if a is not None else z.clone()).add_(shift.to(y.dtype).unsqueeze(1))
+        return z if rows.dtype is z.dtype else z.to(rows.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
-        y, s, sqrt_r = ctx.saved_tensors
+    def backward(ctx: Any, grad: Tensor
+                 ) -> tuple[Tensor | None, None, None, None, Tensor | None, Tensor | None]:
+        y, s, sqrt_r, a = ctx.saved_tensors
+        rows_dtype, scale_dtype, shift_dtype = ctx.dtypes
         g = grad if grad.dtype is y.dtype else grad.to(y.dtype)
         o = y.shape[0]
-        gx = _bn_backward(g.unsqueeze(0), y.unsqueeze(0), (s / sqrt_r).view(o), None, None,
-                          y.new_zeros(o), sqrt_r.view(o), True, 0.0, [True, False, False])[0]
-        gx = gx.view(y.shape)
-        return (gx if grad.dtype is gx.dtype else gx.to(grad.dtype)), None, None, None
+        w = (s / sqrt_r) if a is None else (s * a / sqrt_r)
+        want_a, want_c = ctx.needs_input_grad[4], ctx.needs_input_grad[5]
+        gx, gw, gc = _bn_backward(g.unsqueeze(0), y.unsqueeze(0), w.view(o), None, None,
+                                  y.new_zeros(o), sqrt_r.view(o), True, 0.0,
+                                  [ctx.needs_input_grad[0], want_a, want_c])
+        if gx is not None:
+            gx = gx.view(y.shape)
+            gx = gx if gx.dtype is rows_dtype else gx.to(rows_dtype)
+        ga = gw.div_(sqrt_r.view(o)).to(scale_dtype) if want_a else None
+        gc = gc.to(shift_dtype) if want_c else None
+        return gx, None, None, None, ga, gc
 
 
 def _no_autocast(device_type: str) -> contextlib.AbstractContextManager[Any]:
@@ -182,28 +200,25 @@ class WeightStandardization(nn.Module):
         return {"convention": self.convention, "eps": self.eps, "init": self.init,
                 "scaled_gamma": self.scaled_gamma}
 
-    def _affine(self, y: Tensor) -> Tensor:
+    def _row_affine(self, rows: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """Per-row multiplier and offset applied after standardizing (``None`` when absent)."""
         a: Tensor | None = None
         if self.gain is not None:
             a = self.gain * self.scale
         elif self.scale != 1.0:
-            a = torch.full((y.shape[0],), self.scale, dtype=y.dtype, device=y.device)
+            a = torch.full((rows.shape[0],), self.scale, dtype=rows.dtype, device=rows.device)
         if self.gamma is not None:
             a = self.gamma if a is None else a * self.gamma
-        if a is not None:
-            y = y * a.to(y.dtype).unsqueeze(1)
-        if self.beta is not None:
-            y = y + self.beta.to(y.dtype).unsqueeze(1)
-        return y
+        return a, self.beta
 
     def standardize(self, weight: Tensor) -> Tensor:
         """Standardized weight, always computed (ignores :func:`accumulate`)."""
         rows = to_rows(weight, transposed=self.transposed, groups=self.groups)
         spec = self.spec
         with _no_autocast(weight.device.type):
+            a, c = self._row_affine(rows)
             y = cast(Tensor, _Standardize.apply(  # type: ignore[no-untyped-call]
-                rows.contiguous(), self.eps, spec.unbiased, spec.eps_in_sqrt))
-            y = self._affine(y)
+                rows.contiguous(), self.eps, spec.unbiased, spec.eps_in_sqrt, a, c))
         return from_rows(y, weight.shape, transposed=self.transposed, groups=self.groups)
 
     def forward(self, weight: Tensor) -> Tensor:
