@@ -76,17 +76,9 @@ def parse_input_shape(text: str) -> tuple[tuple[int, ...], ...]:
     Raises:
         UsageError: empty, non-integer or non-positive sizes.
     """
-    shapes = []
-    for part in text.split(";"):
-        try:
-            dims = tuple(int(d) for d in part.replace("x", ",").split(",") if d.strip())
-        except ValueError:
-            raise UsageError(f"--input-shape wants comma-separated integers like 1,3,224,224, "
-                             f"got {text!r}") from None
-        if not dims or any(d < 1 for d in dims):
-            raise UsageError(f"--input-shape sizes must be positive integers, got {text!r}")
-        shapes.append(dims)
-    return tuple(shapes)
+    from wsconvert.export import parse_shapes
+
+    return parse_shapes([text])
 
 
 def infer_input_shape(model: nn.Module, batch: int = DEFAULT_BATCH) -> tuple[int, ...]:
@@ -99,12 +91,9 @@ def infer_input_shape(model: nn.Module, batch: int = DEFAULT_BATCH) -> tuple[int
     Raises:
         UsageError: no conv layer to infer from.
     """
-    for module in model.modules():
-        if isinstance(module, nn.modules.conv._ConvNd):
-            dims = len(module.kernel_size)
-            channels = module.in_channels
-            return (batch, channels, *([DEFAULT_SPATIAL.get(dims, 16)] * dims))
-    raise UsageError("cannot infer the input shape (no conv layer); pass --input-shape")
+    from wsconvert.export import infer_input_shape as infer
+
+    return infer(model, batch, {d: (size,) * d for d, size in DEFAULT_SPATIAL.items()})
 
 
 def _pick(obj: Mapping[str, Any]) -> Any:

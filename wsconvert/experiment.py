@@ -36,8 +36,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ARMS", "ArmResult", "ExperimentConfig", "ExperimentResult", "run_arm",
-           "run_experiment"]
+__all__ = ["ARMS", "ArmResult", "ExperimentConfig", "ExperimentResult", "accuracy", "fine_tune",
+           "run_arm", "run_experiment"]
 
 ARMS = ("bn-b32", "bn-b2", "ws-gn-b2", "ws-gn-exact-b2")
 
@@ -150,6 +150,28 @@ def _pretrained() -> nn.Module:
     return load_model(EXAMPLE_CHECKPOINT, EXAMPLE_FACTORY).model
 
 
+def fine_tune(model: nn.Module, x: Tensor, y: Tensor, *, batch: int, lr: float, epochs: int,
+              seed: int, on_epoch: Callable[[int], None] | None = None) -> nn.Module:
+    """SGD (momentum 0.9, weight decay 1e-4) over shuffled mini-batches, in place."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
+    order = torch.Generator().manual_seed(seed)
+    for epoch in range(epochs):
+        model.train()
+        for idx in torch.split(torch.randperm(len(x), generator=order), batch):
+            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]
+            opt.step()
+        if on_epoch is not None:
+            on_epoch(epoch)
+    return model.eval()
+
+
+def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    """Top-1 accuracy in eval mode."""
+    return _accuracy(model, x, y)
+
+
 def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
     model.eval()
     with torch.no_grad():
@@ -198,15 +220,7 @@ def run_arm(arm: str, seed: int, cfg: ExperimentConfig, base: nn.Module | None =
     torch.manual_seed(seed)
     model = _prepare(arm, base if base is not None else _pretrained(), cfg.groups)
     start = _accuracy(model, xt, yt)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
-    order = torch.Generator().manual_seed(seed)
-    for _ in range(cfg.epochs):
-        model.train()
-        for idx in torch.split(torch.randperm(len(x), generator=order), batch):
-            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
-            opt.step()
+    fine_tune(model, x, y, batch=batch, lr=lr, epochs=cfg.epochs, seed=seed)
     end = _accuracy(model, xt, yt)
     return ArmResult(arm, seed, batch, lr, start, end, time.perf_counter() - t0)
 

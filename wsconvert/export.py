@@ -10,7 +10,7 @@ import shutil
 import tempfile
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ __all__ = [
     "graph_residue",
     "infer_input_shape",
     "parse_shape",
+    "parse_shapes",
 ]
 
 # Default input size per conv rank when no --input-shape is given: batch 1, the first conv's
@@ -59,16 +60,29 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def infer_input_shape(model: nn.Module) -> tuple[int, ...]:
-    """Batch 1, the first conv's input channels and :data:`DEFAULT_SPATIAL` for its rank.
+def parse_shapes(values: Sequence[str]) -> tuple[tuple[int, ...], ...]:
+    """One shape per model input, from repeated ``--input-shape`` values and/or ``;``-separated
+    ones (``"8,4,32;8,2,3,8,8"``).
+
+    Raises:
+        UsageError: any shape malformed.
+    """
+    return tuple(parse_shape(part) for value in values for part in value.split(";"))
+
+
+def infer_input_shape(model: nn.Module, batch: int = 1,
+                      spatial: Mapping[int, tuple[int, ...]] | None = None) -> tuple[int, ...]:
+    """``batch``, the first conv's input channels (module order), then the spatial size for its
+    rank from ``spatial`` (default :data:`DEFAULT_SPATIAL`).
 
     Raises:
         UsageError: the model has no conv layer to infer from.
     """
+    sizes = DEFAULT_SPATIAL if spatial is None else spatial
     for module in model.modules():
         if isinstance(module, nn.modules.conv._ConvNd):
             rank = len(module.kernel_size)
-            return (1, module.in_channels, *DEFAULT_SPATIAL[rank])
+            return (batch, module.in_channels, *sizes[rank])
     raise UsageError("cannot infer the input shape (no conv layer); pass --input-shape")
 
 

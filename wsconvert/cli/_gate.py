@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 InputShapeOpt = Annotated[list[str] | None, typer.Option(
     "--input-shape", metavar="N,C,H,W",
-    help="Shape of one model input (repeat for several inputs).")]
+    help="Shape of one model input; repeat the flag, or separate shapes with ';', for several.")]
 SeedsOpt = Annotated[int, typer.Option("--seeds", help="Random input sets per batch size.")]
 BatchSizesOpt = Annotated[str | None, typer.Option(
     "--batch-sizes", metavar="1,4",

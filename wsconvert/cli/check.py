@@ -48,7 +48,7 @@ def check_cmd(
     """
     from wsconvert.checkpoint import load_model
     from wsconvert.errors import UsageError
-    from wsconvert.export import parse_shape
+    from wsconvert.export import parse_shapes
     from wsconvert.fold import fold_ws
     from wsconvert.parity import onnx_inputs
 
@@ -61,7 +61,7 @@ def check_cmd(
     dynamic = bool(graph_inputs) and all(isinstance(dims[0], str) for _, dims in graph_inputs
                                          if dims)
     if input_shape:
-        shapes = [parse_shape(s) for s in input_shape]
+        shapes = list(parse_shapes(input_shape))
     else:
         shapes = []
         for name, dims in graph_inputs:

@@ -1,15 +1,23 @@
-"""``wsconvert demo``: the pipeline on the bundled example, offline, in a directory it names."""
+"""``wsconvert demo``: the whole pipeline on the bundled example, offline."""
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from wsconvert.cli._common import Output, escape, guarded
+from wsconvert.cli._common import JsonOpt, Output, escape, guarded
+
+_LABELS = {
+    "baseline": "fine-tune a short BatchNorm baseline (batch 32)",
+    "apply": "apply WS + GroupNorm (paper, --init exact, --norm gn)",
+    "fine-tune": "fine-tune the WS + GN model at batch 2",
+    "fold": "fold WS into static weights",
+    "export": "export ONNX (dynamic batch)",
+    "parity": "check parity with onnxruntime",
+}
 
 
 @guarded
@@ -17,23 +25,60 @@ def demo_cmd(
     out_dir: Annotated[Path | None, typer.Option(
         "--out-dir", help="Directory for the demo's files [default: a fresh temp dir].",
         show_default=False)] = None,
+    quick: Annotated[bool, typer.Option(
+        "--quick", help="Smaller data and fewer epochs (a few seconds).")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Run apply on the bundled example checkpoint, offline.
+    """Run the whole pipeline on the bundled example: baseline, apply, fine-tune, fold, ONNX,
+    parity.
 
     \b
     Example:
       wsconvert demo --out-dir /tmp/wsdemo
     """
-    from wsconvert.checkpoint import load_model, save
-    from wsconvert.examples import EXAMPLE_CHECKPOINT, EXAMPLE_FACTORY
-    from wsconvert.surgery import apply_ws
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.table import Table
 
-    out = Output()
+    from wsconvert.demo import STAGES, DemoConfig, run_demo
+
+    out = Output(as_json)
     work = out_dir or Path(tempfile.mkdtemp(prefix="wsconvert-demo-"))
-    work.mkdir(parents=True, exist_ok=True)
-    ckpt = work / "tinynet.pt"
-    shutil.copyfile(EXAMPLE_CHECKPOINT, ckpt)
-    loaded = load_model(ckpt, EXAMPLE_FACTORY)
-    report = apply_ws(loaded.model, "paper", init="exact", inplace=True)
-    ws_path = save(report.model, work / "tinynet.ws.pt", force=True)
-    out.result(f"[green]✓[/] apply: {escape(report.summary())} -> {escape(ws_path)}")
+    config = DemoConfig.quick(work) if quick else DemoConfig(work)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=out.err, disable=as_json) as progress:
+        tasks = {s: progress.add_task(f"[dim]{_LABELS[s]}", total=1, start=False)
+                 for s in STAGES}
+
+        def on_stage(stage: str, event: str) -> None:
+            if event == "start":
+                progress.start_task(tasks[stage])
+                progress.update(tasks[stage], description=_LABELS[stage])
+            else:
+                progress.update(tasks[stage], completed=1,
+                                description=f"[green]✓[/] {_LABELS[stage]}")
+
+        result = run_demo(config, on_stage)
+    out.data(result.to_dict())
+    acc = result.accuracy
+    table = Table(title="wsconvert demo", title_justify="left", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("accuracy", f"pretrained {acc['pretrained']:.1%} -> BN baseline (b32) "
+                  f"{acc['bn_baseline_b32']:.1%} -> converted {acc['converted']:.1%} -> "
+                  f"WS+GN fine-tuned (b2) {acc['ws_gn_b2']:.1%}; folded {acc['folded']:.1%}")
+    table.add_row("apply", escape(f"{result.summaries['apply']}; {result.summaries['norm']}"))
+    table.add_row("fold", escape(result.summaries["fold"]))
+    table.add_row("onnx", escape(", ".join(f"{k} {v}" for k, v in result.op_histogram.items())))
+    if result.parity is not None:
+        for stage, s in result.parity.stage_summary().items():
+            table.add_row(f"parity {stage}", f"{s['cases'] - s['failed']}/{s['cases']} within "
+                          f"tolerance, max abs {s['max_abs']:.2g}, max rel {s['max_rel']:.2g}")
+    table.add_row("time", ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items()))
+    for key, path in result.files.items():
+        table.add_row(key, escape(path))
+    out.result(table)
+    if result.parity is not None and not result.parity.passed():
+        from wsconvert.errors import ParityFailure
+
+        raise ParityFailure("demo parity check failed")
+    out.result(f"[green]✓[/] demo complete in {escape(work)}")

@@ -81,7 +81,7 @@ def fold_cmd(
         save_state_dict,
     )
     from wsconvert.errors import OutputExistsError, UsageError
-    from wsconvert.export import ExportConfig, export_onnx, infer_input_shape, parse_shape
+    from wsconvert.export import ExportConfig, export_onnx, infer_input_shape, parse_shapes
     from wsconvert.fold import fold_ws
 
     out = Output(as_json)
@@ -91,7 +91,7 @@ def fold_cmd(
             raise OutputExistsError(f"{path}: already exists (pass --force to overwrite)")
     if onnx is not None and onnx.suffix != ".onnx":
         raise UsageError(f"--onnx {onnx}: the file name should end in .onnx")
-    shapes = [parse_shape(s) for s in input_shape or []]
+    shapes = parse_shapes(input_shape or [])
     if from_ws is not None:
         ws_model = load_model(from_ws, trust=trust, allow_classes=allow_class or ()).model
         load_weights_into(ws_model, checkpoint, trust=trust)

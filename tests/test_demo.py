@@ -1,0 +1,41 @@
+"""The bundled demo, end to end through the entry point, in its reduced mode."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from test_cli import run
+
+import wsconvert
+from wsconvert.examples import EXAMPLE_CHECKPOINT
+
+
+def test_demo_quick_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    proc = run("demo", "--quick", "--out-dir", out, "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["parity"]["passed"] is True
+    assert set(result["parity"]["stages"]) == {"fold", "export"}
+    acc = result["accuracy"]
+    assert set(acc) == {"pretrained", "bn_baseline_b32", "converted", "ws_gn_b2", "folded"}
+    assert acc["folded"] == acc["ws_gn_b2"]  # folding keeps the function
+    assert set(result["seconds"]) == {"baseline", "apply", "fine-tune", "fold", "export",
+                                      "parity"}
+    for key in ("baseline", "ws", "tuned", "folded", "onnx", "parity_json", "parity_junit"):
+        assert Path(result["files"][key]).parent == out and Path(result["files"][key]).exists()
+    # The tuned WS checkpoint rebuilds on its own (GroupNorm swap included).
+    model = wsconvert.load(out / "tuned.ws.pt")
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in model.modules())
+    assert "Conv" in result["op_histogram"]
+
+
+def test_demo_never_writes_into_the_package(tmp_path: Path) -> None:
+    before = sorted(p.name for p in EXAMPLE_CHECKPOINT.parent.iterdir())
+    proc = run("demo", "--quick", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "demo complete in" in proc.stdout and "wsconvert-demo-" in proc.stdout
+    assert sorted(p.name for p in EXAMPLE_CHECKPOINT.parent.iterdir()) == before
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,163 @@
+"""The bundled end-to-end demo: the whole wsconvert pipeline on a tiny task, offline.
+
+Stages, each timed: fine-tune a short BatchNorm baseline at batch 32 from the bundled pretrained
+TinyNet; ``apply`` (WS + GroupNorm swap, ``--init exact``); fine-tune at batch 2 (the paper's
+micro-batch regime); ``fold`` from the saved WS checkpoint; ONNX export; parity with onnxruntime.
+Every file goes into one directory. The library computes; ``wsconvert demo`` renders.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["STAGES", "DemoConfig", "DemoResult", "run_demo"]
+
+STAGES = ("baseline", "apply", "fine-tune", "fold", "export", "parity")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Sizes of the demo; ``quick()`` is the reduced mode the test suite runs."""
+
+    out_dir: Path
+    train_samples: int = 1024
+    test_samples: int = 1024
+    noise: float = 1.2
+    baseline_epochs: int = 1
+    finetune_epochs: int = 2
+    groups: int = 8
+    seed: int = 0
+    threads: int = 1  # a 25k-parameter net: one thread is fastest, and immune to contention
+
+    @classmethod
+    def quick(cls, out_dir: Path) -> DemoConfig:
+        return cls(out_dir, train_samples=128, test_samples=128, baseline_epochs=1,
+                   finetune_epochs=1)
+
+
+@dataclass
+class DemoResult:
+    """Accuracies, reports, files and stage timings of one demo run."""
+
+    out_dir: Path
+    accuracy: dict[str, float] = field(default_factory=dict)
+    files: dict[str, Path] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    summaries: dict[str, str] = field(default_factory=dict)
+    parity: Any = None
+    op_histogram: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"out_dir": str(self.out_dir), "accuracy": self.accuracy,
+                "files": {k: str(v) for k, v in self.files.items()}, "seconds": self.seconds,
+                "summaries": self.summaries, "op_histogram": self.op_histogram,
+                "parity": self.parity.to_dict() if self.parity is not None else None}
+
+
+def run_demo(config: DemoConfig,
+             on_stage: Callable[[str, str], None] | None = None) -> DemoResult:
+    """Run every stage; ``on_stage(stage, "start" | "done")`` reports progress.
+
+    Raises:
+        WsconvertError: any stage failing (the demo uses the same checks as the commands).
+    """
+    from wsconvert.checkpoint import load, load_model, save, save_state_dict, write_text
+    from wsconvert.examples import EXAMPLE_CHECKPOINT, EXAMPLE_FACTORY
+    from wsconvert.examples.shapes import make_dataset
+    from wsconvert.experiment import accuracy, fine_tune
+    from wsconvert.export import ExportConfig, export_onnx
+    from wsconvert.fold import fold_ws
+    from wsconvert.norms import swap_norm
+    from wsconvert.parity import check_parity, make_inputs
+    from wsconvert.surgery import apply_ws
+
+    notify = on_stage or (lambda stage, event: None)
+    out = config.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    result = DemoResult(out)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        x, y = make_dataset(config.train_samples, seed=1000 + config.seed, noise=config.noise)
+        xt, yt = make_dataset(config.test_samples, seed=2000 + config.seed, noise=config.noise)
+
+        def stage(name: str) -> Callable[[Callable[[], None]], None]:
+            def run(body: Callable[[], None]) -> None:
+                notify(name, "start")
+                t0 = time.perf_counter()
+                body()
+                result.seconds[name] = round(time.perf_counter() - t0, 2)
+                notify(name, "done")
+            return run
+
+        pretrained_path = out / "tinynet.pt"
+        shutil.copyfile(EXAMPLE_CHECKPOINT, pretrained_path)
+        state: dict[str, Any] = {}
+
+        @stage("baseline")
+        def _() -> None:
+            model = load_model(pretrained_path, EXAMPLE_FACTORY).model
+            result.accuracy["pretrained"] = accuracy(model, xt, yt)
+            torch.manual_seed(config.seed)
+            fine_tune(model, x, y, batch=32, lr=0.05, epochs=config.baseline_epochs,
+                      seed=config.seed)
+            result.accuracy["bn_baseline_b32"] = accuracy(model, xt, yt)
+            result.files["baseline"] = save_state_dict(model.state_dict(), out / "baseline.pt",
+                                                       force=True)
+
+        @stage("apply")
+        def _() -> None:
+            base = load_model(result.files["baseline"], EXAMPLE_FACTORY).model
+            report = apply_ws(base, "paper", init="exact", inplace=True)
+            swapped = swap_norm(report.model, config.groups, inplace=True)
+            result.summaries["apply"] = report.summary()
+            result.summaries["norm"] = swapped.summary()
+            result.accuracy["converted"] = accuracy(swapped.model, xt, yt)
+            result.files["ws"] = save(swapped.model, out / "baseline.ws.pt", force=True)
+
+        @stage("fine-tune")
+        def _() -> None:
+            model = load(result.files["ws"])
+            torch.manual_seed(config.seed)
+            fine_tune(model, x, y, batch=2, lr=0.0125, epochs=config.finetune_epochs,
+                      seed=config.seed)
+            result.accuracy["ws_gn_b2"] = accuracy(model, xt, yt)
+            result.files["tuned"] = save(model, out / "tuned.ws.pt", force=True)
+
+        @stage("fold")
+        def _() -> None:
+            state["reference"] = load(result.files["tuned"]).eval()
+            folded = fold_ws(state["reference"])
+            state["folded"] = folded.model
+            result.summaries["fold"] = folded.summary()
+            result.accuracy["folded"] = accuracy(folded.model, xt, yt)
+            result.files["folded"] = save_state_dict(folded.model.state_dict(),
+                                                     out / "tuned.folded.pt", force=True)
+
+        config_export = ExportConfig(((1, 3, 24, 24),), dynamic_batch=True)
+
+        @stage("export")
+        def _() -> None:
+            exported = export_onnx(state["folded"], out / "tuned.onnx", config_export,
+                                   force=True)
+            result.op_histogram = exported.op_histogram
+            result.files["onnx"] = exported.path
+
+        @stage("parity")
+        def _() -> None:
+            inputs = make_inputs(config_export.input_shapes, seeds=2, batch_sizes=[1, 4])
+            report = check_parity(result.files["onnx"], state["reference"], inputs,
+                                  folded=state["folded"])
+            result.parity = report
+            result.files["parity_json"] = write_text(out / "parity.json", report.to_json())
+            result.files["parity_junit"] = write_text(out / "parity.xml", report.to_junit())
+    finally:
+        torch.set_num_threads(threads)
+    return result
