@@ -54,7 +54,7 @@ def apply_cmd(
         "--output", "-o", help="WS checkpoint to write [default: <stem>.ws.pt beside the input].",
         show_default=False)] = None,
     convention: Annotated[str, typer.Option(
-        help="WS formula: paper, tf, bit, timm or scaled.")] = "paper",
+        help="WS formula: paper, tf, bit, timm, scaled or aws.")] = "paper",
     eps: Annotated[float | None, typer.Option(
         help="Override the convention's eps.", show_default=False)] = None,
     init: Annotated[str, typer.Option(
