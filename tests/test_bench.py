@@ -151,3 +151,24 @@ def test_cli_bench_bad_flags_one_line_error() -> None:
     assert proc.returncode != 0
     assert proc.stderr.strip().startswith("error:") and "--batch-sizes" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_bench_dense_output_model_gets_dense_targets() -> None:
+    torch.manual_seed(0)
+    seg = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 3, 1))
+    report = run_bench(seg, BenchConfig(batch_sizes=(2,), conventions=("timm",), references=(),
+                                        input_shape=(3, 6, 6), rounds=1, warmup=0))
+    assert [r.form for r in report.settings[0].rows] == ["plain", "wsconvert:timm"]
+
+
+def test_bench_refuses_a_model_without_tensor_output() -> None:
+    class Dict(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"out": self.conv(x)}
+
+    with pytest.raises(UsageError, match="output"):
+        run_bench(Dict(), BenchConfig(batch_sizes=(1,), input_shape=(3, 6, 6), rounds=1))

@@ -257,14 +257,15 @@ def _conv_parameters(model: nn.Module) -> int:
                if isinstance(m, nn.modules.conv._ConvNd))
 
 
-def _num_outputs(model: nn.Module, example: Tensor) -> int:
+def _target_shape(model: nn.Module, example: Tensor) -> tuple[int, ...]:
+    """``(classes, *spatial)`` of the model's output, for cross-entropy targets."""
     with torch.no_grad():
         out = model.eval()(example)
     model.train()
-    if not isinstance(out, Tensor) or out.dim() < 2:
+    if not isinstance(out, Tensor) or out.dim() < 2 or not out.is_floating_point():
         raise UsageError("the model's output is not a [batch, classes, ...] tensor; bench needs "
                          "one to train on with cross-entropy")
-    return int(out.shape[1])
+    return tuple(int(d) for d in out.shape[1:])
 
 
 def _step(form: _Form, batches: Sequence[tuple[Tensor, Tensor]]) -> None:
@@ -336,7 +337,9 @@ def run_bench(model: nn.Module | None = None, config: BenchConfig | None = None,
         notes: list[str] = []
         with torch.random.fork_rng():
             example = torch.randn(1, *cfg.input_shape)
-        classes = cfg.num_classes or _num_outputs(plain, example)
+        target = _target_shape(plain, example)
+        if cfg.num_classes is not None:
+            target = (cfg.num_classes, *target[1:])
 
         variants: list[tuple[str, nn.Module, bool]] = [("plain", plain, False)]
         n_ws = 0
@@ -367,7 +370,7 @@ def run_bench(model: nn.Module | None = None, config: BenchConfig | None = None,
         for batch in cfg.batch_sizes:
             if progress is not None:
                 progress(f"batch {batch}: {len(variants)} forms x {cfg.rounds} rounds")
-            settings.append(_measure(variants, cfg, batch, classes))
+            settings.append(_measure(variants, cfg, batch, target))
         return BenchReport(name, tuple(cfg.input_shape), cfg.accumulate, cfg.rounds,
                            torch.get_num_threads(), cfg.clock, torch.__version__,
                            _conv_parameters(plain), n_ws, settings, notes)
@@ -376,10 +379,10 @@ def run_bench(model: nn.Module | None = None, config: BenchConfig | None = None,
 
 
 def _measure(variants: list[tuple[str, nn.Module, bool]], cfg: BenchConfig, batch: int,
-             classes: int) -> BenchSetting:
+             target: tuple[int, ...]) -> BenchSetting:
     gen = torch.Generator().manual_seed(cfg.seed + batch)
     batches = [(torch.randn(batch, *cfg.input_shape, generator=gen),
-                torch.randint(0, classes, (batch,), generator=gen))
+                torch.randint(0, target[0], (batch, *target[1:]), generator=gen))
                for _ in range(cfg.accumulate)]
     forms = []
     for name, model, use_acc in variants:
