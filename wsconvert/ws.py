@@ -5,16 +5,18 @@ with :func:`torch.nn.utils.parametrize.register_parametrization`, so ``layer.wei
 standardized weight (arXiv:1903.10520, Eq. 5-6) and the trainable tensor is
 ``layer.parametrizations.weight.original``.
 
-Speed: WS runs on every training step. The forward computes the row statistics in one pass
-(``var_mean``) and the standardized rows in one more; the backward uses the closed form
+Speed: WS runs on every training step. The forward centres each row and takes the norm of the
+centred rows (two passes, faster than ``var_mean`` on CPU); the backward uses the closed form
 
     grad_w = s * (g - mean(g)) - k * mean(g * y) * y
 
 with ``y`` the standardized rows, ``s`` the inverse spread and ``k`` set by the convention
 (``s * N / (N - b)`` with eps inside the square root, ``N / ((N - b) * sigma)`` with eps added to
-the std, ``b`` = 1 for the unbiased variance). That is four passes over the weight instead of
-autograd's dozen. :func:`accumulate` goes further for gradient accumulation: one standardization
-per optimizer step instead of one per micro-batch, with exactly the same gradients.
+the std, ``b`` = 1 for the unbiased variance). That is batch norm's training backward for a
+zero-mean input, so it runs as ATen's fused ``native_batch_norm_backward`` kernel, which also
+returns the per-channel gain gradient. :func:`accumulate` goes further for gradient accumulation:
+one standardization per optimizer step instead of one per micro-batch, with exactly the same
+gradients. Figures: docs/performance.md.
 """
 
 from __future__ import annotations
