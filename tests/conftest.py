@@ -57,6 +57,10 @@ def mixed():
 
 def broken():
     raise RuntimeError("factory exploded")
+
+
+def linear_only():
+    return nn.Sequential(nn.Linear(3, 3))
 '''
 
 

@@ -132,7 +132,8 @@ def test_state_dict_and_model_problems(net_state: Path) -> None:
         assert_bad([cmd, net_state, "-m", "wsnets:broken"], "factory exploded", cwd=d)
         assert_bad([cmd, net_state, "-m", "wsnets:build", "--model-kwargs", "[1]"], "JSON", cwd=d)
     torch.save(nn.Sequential(nn.Linear(3, 3)).state_dict(), d / "lin.pt")
-    assert_bad(["apply", "lin.pt", "-m", "torch.nn:Sequential"], "lin.pt", cwd=d)
+    assert_bad(["apply", "lin.pt", "-m", "wsnets:linear_only"], "lin.pt", "no convolution",
+               cwd=d)
     nan = dict(sd)
     nan["stem.weight"] = sd["stem.weight"].clone().fill_(float("nan"))
     torch.save(nan, d / "nan.pt")
