@@ -133,3 +133,6 @@ def test_cli_inspect_and_fold_a_pickled_foreign_model(tmp_path: Path) -> None:
     payload = json.loads(proc.stdout)
     assert payload["parity"]["passed"] and len(payload["fold"]["folded"]) == 10
     assert "BatchNormalization" not in payload["onnx"]["op_histogram"]
+    proc = run("check", "zoo.onnx", "--against", "zoo.pt", "--trust", "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert list(json.loads(proc.stdout)["parity"]["stages"]) == ["fold", "export"]

@@ -47,7 +47,7 @@ def check_cmd(
       wsconvert check model.onnx --against model.ws.pt --junit parity.xml --json
     """
     from wsconvert.checkpoint import load_model
-    from wsconvert.errors import UsageError
+    from wsconvert.errors import ConversionError, UsageError
     from wsconvert.export import parse_shapes
     from wsconvert.fold import fold_ws
     from wsconvert.parity import onnx_inputs
@@ -57,7 +57,12 @@ def check_cmd(
     loaded = load_model(against, model, model_kwargs, trust=trust,
                         allow_classes=allow_class or ())
     reference = loaded.model.eval()
-    folded = fold_ws(reference).model if loaded.has_ws else None
+    # A WS reference (ours or another library's) gets both stages: fold, then export.
+    try:
+        fold = fold_ws(reference)
+        folded = None if fold.noop else fold.model
+    except ConversionError:  # an unknown parametrization: compare the ONNX file directly
+        folded = None
     dynamic = bool(graph_inputs) and all(isinstance(dims[0], str) for _, dims in graph_inputs
                                          if dims)
     if input_shape:
