@@ -88,29 +88,36 @@ class _Standardize(torch.autograd.Function):
             sqrt_r = r.sqrt_()
         y.mul_(s)
         a = None if scale is None else scale.to(y.dtype).unsqueeze(1)
-        ctx.save_for_backward(y, s, sqrt_r, a)
         ctx.dtypes = (rows.dtype, None if scale is None else scale.dtype,
                       None if shift is None else shift.dtype)
-        z = y if a is None else y * a
-        if shift is not None:
-            z = (z if a is not None else z.clone()).add_(shift.to(y.dtype).unsqueeze(1))
+        if a is not None and shift is None and bool((a != 0).all()):
+            # Scale in place and hand the kernel z = a * y with inverse std sqrt(r) / a: the same
+            # normalized input, one full-size tensor less.
+            z = y.mul_(a)
+            ctx.save_for_backward(z, s, sqrt_r / a, sqrt_r, a)
+        else:
+            ctx.save_for_backward(y, s, sqrt_r, sqrt_r, a)
+            z = y if a is None else y * a
+            if shift is not None:
+                z = (z if a is not None else z.clone()).add_(shift.to(y.dtype).unsqueeze(1))
         return z if rows.dtype is z.dtype else z.to(rows.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: Tensor
                  ) -> tuple[Tensor | None, None, None, None, Tensor | None, Tensor | None]:
-        y, s, sqrt_r, a = ctx.saved_tensors
+        # xin * invstd is the normalized row y * sqrt(r) (xin = y or a * y, see forward).
+        xin, s, invstd, sqrt_r, a = ctx.saved_tensors
         rows_dtype, scale_dtype, shift_dtype = ctx.dtypes
-        g = grad if grad.dtype is y.dtype else grad.to(y.dtype)
-        o = y.shape[0]
-        w = (s / sqrt_r) if a is None else (s * a / sqrt_r)
+        g = grad if grad.dtype is xin.dtype else grad.to(xin.dtype)
+        o = xin.shape[0]
+        w = (s / invstd) if a is None else (s * a / invstd)
         want_a, want_c = ctx.needs_input_grad[4], ctx.needs_input_grad[5]
-        gx, gw, gc = _bn_backward(g.unsqueeze(0), y.unsqueeze(0), w.view(o), None, None,
-                                  y.new_zeros(o), sqrt_r.view(o), True, 0.0,
+        gx, gw, gc = _bn_backward(g.unsqueeze(0), xin.unsqueeze(0), w.view(o), None, None,
+                                  xin.new_zeros(o), invstd.view(o), True, 0.0,
                                   [ctx.needs_input_grad[0], want_a, want_c])
         if gx is not None:
-            gx = gx.view(y.shape)
+            gx = gx.view(xin.shape)
             gx = gx if gx.dtype is rows_dtype else gx.to(rows_dtype)
         ga = gw.div_(sqrt_r.view(o)).to(scale_dtype) if want_a else None
         gc = gc.to(shift_dtype) if want_c else None
