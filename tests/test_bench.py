@@ -172,3 +172,9 @@ def test_bench_refuses_a_model_without_tensor_output() -> None:
 
     with pytest.raises(UsageError, match="output"):
         run_bench(Dict(), BenchConfig(batch_sizes=(1,), input_shape=(3, 6, 6), rounds=1))
+
+
+def test_bench_refuses_an_input_shape_that_does_not_fit() -> None:
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten())
+    with pytest.raises(UsageError, match="does not fit"):
+        run_bench(net, BenchConfig(batch_sizes=(1,), input_shape=(5, 6, 6), rounds=1))

@@ -108,7 +108,21 @@ plain (float[1, 3, 8, 8] x) => (float[1] y) <float[4, 3, 3, 3] w> {
 """
 
 
+ATTENTION_GRAPH = """
+<ir_version: 8, opset_import: ["" : 18]>
+attn (float[1, 4, 8] x) => (float[1, 4, 4] y) <float[8, 8] wq, float[8, 8] wk, float[8] bk> {
+    q = MatMul (x, wq)
+    k0 = MatMul (x, wk)
+    k = Add (k0, bk)
+    kt = Transpose <perm: ints = [0, 2, 1]> (k)
+    y = MatMul (q, kt)
+}
+"""
+
+
 def test_graph_residue_on_inline_graphs() -> None:
+    # q @ k.T multiplies two activations: its "weight" input reaches a graph input.
+    assert graph_residue(onnx.parser.parse_model(ATTENTION_GRAPH)) == []
     problems = graph_residue(onnx.parser.parse_model(RESIDUE_GRAPH))
     assert len(problems) == 1 and "weight computed by Div" in problems[0]
     # A ReduceMean on activations is not residue.
@@ -163,6 +177,18 @@ def test_perturbed_weight_fails_and_saves_inputs(tmp_path: Path) -> None:
     assert {p.name for p in saved} == {"seed0.pt", "seed1.pt", "report.json"}
     again = load_inputs(tmp_path / "failing" / "seed0.pt")
     assert torch.equal(again[0].tensors[0], inputs[0].tensors[0])
+
+
+def test_shape_mismatch_fails_the_gate(tmp_path: Path) -> None:
+    torch.manual_seed(4)
+    small = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(3))
+    small(torch.randn(1, 3, 6, 6))
+    export_onnx(small, tmp_path / "s.onnx", ExportConfig(((1, 3, 6, 6),)))
+    other = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(64, 5))
+    report = check_parity(tmp_path / "s.onnx", other, make_inputs([(1, 3, 6, 6)]))
+    assert not report.passed()
+    assert report.failures[0].reason == "shape mismatch"
+    assert report.stage_summary()["export"]["max_abs"] is None
 
 
 def test_compare_semantics() -> None:

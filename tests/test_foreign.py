@@ -120,6 +120,26 @@ def test_register_adapter_for_a_user_layer() -> None:
         ADAPTERS.remove(adapter)
 
 
+def test_registered_adapter_on_conv1d() -> None:
+    class WSConv1d(nn.Conv1d):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            w = self.weight - self.weight.mean((1, 2), keepdim=True)
+            return nn.functional.conv1d(x, w, self.bias, self.stride, self.padding)
+
+    layer = WSConv1d(3, 4, 3, padding=1)
+    adapter = Adapter("mine1d", lambda m: type(m).__name__ == "WSConv1d",
+                      lambda m: ("centered", 0.0),
+                      lambda m: m.weight.double() - m.weight.double().mean((1, 2), keepdim=True))
+    register_adapter(adapter)
+    try:
+        folded = fold_ws(nn.Sequential(layer)).model
+        assert type(folded[0]) is nn.Conv1d
+        x = torch.randn(2, 3, 11)
+        torch.testing.assert_close(folded(x), layer(x))
+    finally:
+        ADAPTERS.remove(adapter)
+
+
 def test_cli_inspect_and_fold_a_pickled_foreign_model(tmp_path: Path) -> None:
     shutil.copy(Path(__file__).with_name("foreign_layers.py"), tmp_path / "foreign_layers.py")
     torch.save(fl.zoo(), tmp_path / "zoo.pt")

@@ -261,3 +261,24 @@ def test_torchscript_refused_even_with_trust(tmp_path: Path) -> None:
     torch.jit.script(nn.Sequential(nn.Conv2d(3, 4, 3))).save(str(path))
     with pytest.raises(wsconvert.WsconvertError, match="TorchScript"):
         wsconvert.load_model(path, trust=True)
+
+
+def test_fold_gate_options_checked_before_writing(net_state: Path) -> None:
+    d = net_state.parent
+    assert invoke("apply", net_state, "-m", "wsnets:build", "--no-drift")[0] == 0
+    ws = d / "net.ws.pt"
+    base = ["fold", ws, "-o", "f.pt", "--onnx", "f.onnx", "--input-shape", "1,3,8,8"]
+    assert_bad([*base, "--batch-sizes", "1,4"], "--dynamic-batch", cwd=d)
+    assert_bad([*base, "--seeds", "0"], "--seeds", cwd=d)
+    assert_bad([*base, "--report", "nodir/r.json"], "nodir", cwd=d)
+    assert_bad([*base, "--inputs", "missing.npz"], "missing.npz", cwd=d)
+    assert_bad([*base, "--no-check", "--junit", "j.xml"], "--junit", cwd=d)
+    assert_bad(["fold", net_state, "--from", ws, "-m", "wsnets:build"], "--from", cwd=d)
+
+
+def test_error_names_the_file_it_is_about(net_state: Path) -> None:
+    d = net_state.parent
+    assert_bad(["check", "missing.onnx", "--against", net_state, "-m", "wsnets:build"],
+               cwd=d)
+    _, _, err = invoke("check", "missing.onnx", "--against", net_state, "-m", "wsnets:build")
+    assert err.startswith("error: missing.onnx: ")

@@ -259,9 +259,15 @@ def _conv_parameters(model: nn.Module) -> int:
 
 def _target_shape(model: nn.Module, example: Tensor) -> tuple[int, ...]:
     """``(classes, *spatial)`` of the model's output, for cross-entropy targets."""
-    with torch.no_grad():
-        out = model.eval()(example)
-    model.train()
+    try:
+        with torch.no_grad():
+            out = model.eval()(example)
+    except Exception as exc:  # noqa: BLE001 - any failure means the shape does not fit
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        shape = ",".join(str(d) for d in example.shape[1:])
+        raise UsageError(f"--input-shape {shape} does not fit the model: {msg[:200]}") from None
+    finally:
+        model.train()
     if not isinstance(out, Tensor) or out.dim() < 2 or not out.is_floating_point():
         raise UsageError("the model's output is not a [batch, classes, ...] tensor; bench needs "
                          "one to train on with cross-entropy")

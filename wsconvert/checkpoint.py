@@ -178,8 +178,9 @@ def read_checkpoint(path: str | os.PathLike[str], *, trust: bool = False,
             raise CheckpointError(f"{p}: {_describe_unreadable(p, exc)}") from None
         shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
         raise UntrustedCheckpointError(
-            f"{p}: loading would import {shown} (unpickling runs code); pass "
-            "--trust if you trust this file, or --allow-class MODULE.CLASS for each class"
+            f"{p}: loading would import {shown} (unpickling runs code); pass --trust "
+            "(trust=True) if you trust this file, or --allow-class MODULE.CLASS "
+            "(allow_classes=[...]) for each class"
         ) from None
     except ModuleNotFoundError as exc:
         raise CheckpointError(f"{p}: the pickled model needs module {exc.name!r}, which is not "
@@ -402,7 +403,7 @@ def _load_ws(obj: Mapping[str, Any], path: Path) -> LoadedModel:
 
 
 def load_weights_into(model: nn.Module, path: str | os.PathLike[str], *,
-                      trust: bool = False) -> str:
+                      trust: bool = False, allow_classes: Sequence[str] = ()) -> str:
     """Load a state dict file (any wrapper / prefix form) into ``model`` strictly.
 
     Used to put a training loop's ``torch.save(model.state_dict())`` of a WS model back into the
@@ -412,7 +413,7 @@ def load_weights_into(model: nn.Module, path: str | os.PathLike[str], *,
         CheckpointError: unreadable, not a state dict, or keys that do not fit.
     """
     p = Path(path)
-    obj = _unwrap(read_checkpoint(p, trust=trust))
+    obj = _unwrap(read_checkpoint(p, trust=trust, allow_classes=allow_classes))
     if is_ws_checkpoint(obj):
         obj = obj["state_dict"]
     if isinstance(obj, nn.Module):

@@ -149,9 +149,13 @@ def _param_bytes(model: nn.Module) -> int:
 def graph_residue(model_proto: Any) -> list[str]:
     """Nodes still computing conv / matmul weights at run time, and training-mode BatchNorms.
 
-    A folded graph feeds every Conv / Gemm / MatMul weight straight from an initializer.
+    A folded graph feeds every Conv / Gemm / MatMul weight straight from an initializer. Only
+    weight computations that depend on constants alone count: a MatMul of two activations
+    (attention's ``q @ k.T``) reaches a graph input and is not residue.
     """
     producers = {out: node for node in model_proto.graph.node for out in node.output}
+    graph_inputs = {i.name for i in model_proto.graph.input} - {
+        i.name for i in model_proto.graph.initializer}
     problems: list[str] = []
     for node in model_proto.graph.node:
         if node.op_type == "BatchNormalization":
@@ -164,17 +168,22 @@ def graph_residue(model_proto: Any) -> list[str]:
             continue
         seen: set[str] = set()
         stack = [node.input[idx]]
-        while stack:
+        math_node = None
+        from_input = False
+        while stack and not from_input:
             name = stack.pop()
+            if name in graph_inputs:
+                from_input = True
             src = producers.get(name)
             if src is None or name in seen:
                 continue
             seen.add(name)
-            if src.op_type in _WEIGHT_MATH:
-                problems.append(f"{node.name or node.op_type}: weight computed by "
-                                f"{src.op_type} ({src.name or name})")
-                break
+            if src.op_type in _WEIGHT_MATH and math_node is None:
+                math_node = src
             stack.extend(src.input)
+        if math_node is not None and not from_input:
+            problems.append(f"{node.name or node.op_type}: weight computed by "
+                            f"{math_node.op_type} ({math_node.name or math_node.output[0]})")
     return problems
 
 

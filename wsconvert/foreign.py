@@ -82,8 +82,8 @@ def _standardized(m: nn.Module, convention: Convention | str, eps: float) -> Ten
     return rows.reshape(cast(Tensor, m.weight).shape)
 
 
-def _per_channel(t: Tensor) -> Tensor:
-    return t.detach().double().reshape(-1, *([1] * 3))
+def _per_channel(t: Tensor, rank: int = 4) -> Tensor:
+    return t.detach().double().reshape(-1, *([1] * (rank - 1)))
 
 
 _PLAIN_TIMM = get_convention("timm")  # biased var, eps inside the sqrt, no N**-0.5
@@ -94,14 +94,15 @@ def _timm_std(m: nn.Module) -> tuple[str, float]:
 
 
 def _scaled(m: nn.Module) -> Tensor:
-    a = _per_channel(cast(Tensor, m.gain)) * float(cast(Any, m).scale)
+    rank = cast(Tensor, m.weight).dim()
+    a = _per_channel(cast(Tensor, m.gain), rank) * float(cast(Any, m).scale)
     return a * _standardized(m, _PLAIN_TIMM, float(cast(Any, m).eps))
 
 
 def _aws(m: nn.Module) -> Tensor:
     y = _standardized(m, "aws", 1e-5)
-    return _per_channel(cast(Tensor, m.weight_gamma)) * y + _per_channel(
-        cast(Tensor, m.weight_beta))
+    return _per_channel(cast(Tensor, m.weight_gamma), y.dim()) * y + _per_channel(
+        cast(Tensor, m.weight_beta), y.dim())
 
 
 def _composer_eps(p: nn.Module) -> float:
@@ -159,27 +160,37 @@ def register_adapter(adapter: Adapter) -> None:
 
 def find_adapter(module: nn.Module) -> Adapter | None:
     """The adapter that recognizes ``module``, if any."""
-    if not isinstance(module, nn.Conv2d | nn.Conv1d | nn.Conv3d):
+    if not isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d):
         return None
     return next((a for a in ADAPTERS if a.matches(module)), None)
 
 
-def fold_foreign(module: nn.Module, adapter: Adapter) -> nn.Conv2d:
-    """A plain ``nn.Conv2d`` (or :class:`SamePadConv2d`) holding the effective weight.
+def fold_foreign(module: nn.Module, adapter: Adapter) -> nn.Module:
+    """A plain ``nn.Conv1d/2d/3d`` (or :class:`SamePadConv2d`) holding the effective weight.
 
     The weight is computed in float64 and rounded once to the layer's dtype.
+
+    Raises:
+        ConversionError: dynamic 'SAME' padding on a layer that is not 2-D.
     """
+    from wsconvert.errors import ConversionError
+
     conv = cast(nn.Conv2d, module)
     weight = adapter.weight(module).to(conv.weight.dtype)
     same = adapter.dynamic_same(module)
-    cls = SamePadConv2d if same else nn.Conv2d
+    rank = len(conv.kernel_size)
+    if same and rank != 2:
+        raise ConversionError(f"{adapter.name}: dynamic 'SAME' padding is supported for 2-D "
+                              "convs only")
+    cls: type[nn.Module] = SamePadConv2d if same else {1: nn.Conv1d, 2: nn.Conv2d,
+                                                       3: nn.Conv3d}[rank]
     padding = 0 if same else conv.padding
     plain = cls(conv.in_channels, conv.out_channels, cast(Any, conv.kernel_size),
                 cast(Any, conv.stride), cast(Any, padding), cast(Any, conv.dilation), conv.groups,
                 conv.bias is not None, conv.padding_mode, device=conv.weight.device,
                 dtype=conv.weight.dtype)
     with torch.no_grad():
-        plain.weight.copy_(weight)
+        cast(Tensor, plain.weight).copy_(weight)
         if conv.bias is not None:
-            plain.bias.copy_(conv.bias)  # type: ignore[union-attr]
+            cast(Tensor, plain.bias).copy_(conv.bias)
     return plain.train(conv.training)

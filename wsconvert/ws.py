@@ -211,14 +211,18 @@ class WeightStandardization(nn.Module):
 
     def _row_affine(self, rows: Tensor) -> tuple[Tensor | None, Tensor | None]:
         """Per-row multiplier and offset applied after standardizing (``None`` when absent)."""
+        # In float32 (or float64) like the statistics: a gain rounded to fp16 before the multiply
+        # would put an ulp between the trained forward and the float64 fold.
+        dt = rows.dtype if rows.dtype in (torch.float32, torch.float64) else torch.float32
         a: Tensor | None = None
         if self.gain is not None:
-            a = self.gain * self.scale
+            a = self.gain.to(dt) * self.scale
         elif self.scale != 1.0:
-            a = torch.full((rows.shape[0],), self.scale, dtype=rows.dtype, device=rows.device)
+            a = torch.full((rows.shape[0],), self.scale, dtype=dt, device=rows.device)
         if self.gamma is not None:
-            a = self.gamma if a is None else a * self.gamma
-        return a, self.beta
+            gamma = self.gamma.to(dt)
+            a = gamma if a is None else a * gamma
+        return a, None if self.beta is None else self.beta.to(dt)
 
     def standardize(self, weight: Tensor) -> Tensor:
         """Standardized weight, always computed (ignores :func:`accumulate`)."""

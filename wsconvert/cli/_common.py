@@ -74,7 +74,7 @@ def guarded(func: F) -> F:
         except WsconvertError as exc:
             if os.environ.get(DEBUG_ENV):
                 raise
-            _error_line(_naming_input(str(exc), kwargs))
+            _error_line(_naming_input(exc, kwargs))
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             _error_line("interrupted; no output was written")
@@ -89,10 +89,15 @@ def guarded(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _naming_input(message: str, kwargs: dict[str, Any]) -> str:
-    """Errors name the file they are about; prefix the command's input when the library did not."""
+def _naming_input(exc: Exception, kwargs: dict[str, Any]) -> str:
+    """Errors name the file they are about. Errors about the model itself (nothing to convert,
+    NaN weights, already WS) come from the library without a path: prefix the command's input.
+    Every other error already names its file or flag."""
+    from wsconvert.errors import ConversionError
+
+    message = str(exc)
     path = kwargs.get("checkpoint") or kwargs.get("against")
-    if path is None or str(path) in message or message.startswith("parity fails"):
+    if path is None or not isinstance(exc, ConversionError) or str(path) in message:
         return message
     return f"{path}: {message}"
 

@@ -63,6 +63,27 @@ def build_inputs(shapes: list[tuple[int, ...]], dynamic: bool, seeds: int,
     return make_inputs(shapes, seeds, sizes)
 
 
+def fmt(value: float | None, spec: str = ".3g") -> str:
+    """A metric, or ``n/a`` where none exists (shape or output-count mismatch)."""
+    return "n/a" if value is None or value != value else format(value, spec)
+
+
+def check_gate_options(seeds: int, atol: float, rtol: float, report: Path | None,
+                       junit: Path | None, save_failing: Path | None) -> None:
+    """Refuse bad gate options before anything is exported or written."""
+    from wsconvert.errors import UsageError
+
+    if seeds < 1:
+        raise UsageError("--seeds must be at least 1")
+    if not (atol >= 0 and rtol >= 0):
+        raise UsageError("--atol and --rtol must be >= 0")
+    for flag, path in (("--report", report), ("--junit", junit)):
+        if path is not None and not path.parent.is_dir():
+            raise UsageError(f"{flag} {path}: directory {path.parent} does not exist")
+    if save_failing is not None and save_failing.exists() and not save_failing.is_dir():
+        raise UsageError(f"--save-failing {save_failing}: exists and is not a directory")
+
+
 def parity_table(report: ParityReport) -> Any:
     from rich.table import Table
 
@@ -72,8 +93,8 @@ def parity_table(report: ParityReport) -> Any:
         table.add_column(col, justify="right" if col.startswith(("max", "out", "cos")) else "left")
     for c in report.comparisons:
         mark = "[green]pass[/]" if c.passed else f"[red]FAIL[/] {escape(c.reason)}"
-        table.add_row(c.stage, escape(c.input_set), escape(c.output), f"{c.max_abs:.3g}",
-                      f"{c.max_rel:.3g}", f"{100 * c.frac_out:.3g}%", f"{c.cosine:.7f}", mark)
+        table.add_row(c.stage, escape(c.input_set), escape(c.output), fmt(c.max_abs),
+                      fmt(c.max_rel), fmt(100 * c.frac_out) + "%", fmt(c.cosine, ".7f"), mark)
     return table
 
 
@@ -95,7 +116,7 @@ def run_gate(out: Output, onnx_path: Path, reference: nn.Module, folded: nn.Modu
     out.result(parity_table(report))
     for stage, s in report.stage_summary().items():
         out.result(f"  {stage}: {s['cases'] - s['failed']}/{s['cases']} within tolerance, "
-                   f"max abs {s['max_abs']:.3g}, max rel {s['max_rel']:.3g}")
+                   f"max abs {fmt(s['max_abs'])}, max rel {fmt(s['max_rel'])}")
     return report
 
 

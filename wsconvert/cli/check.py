@@ -53,6 +53,7 @@ def check_cmd(
     from wsconvert.parity import onnx_inputs
 
     out = Output(as_json)
+    _gate.check_gate_options(seeds, atol, rtol, report, junit, save_failing)
     graph_inputs = onnx_inputs(onnx_file)
     loaded = load_model(against, model, model_kwargs, trust=trust,
                         allow_classes=allow_class or ())

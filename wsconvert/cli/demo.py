@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from wsconvert.cli._common import JsonOpt, Output, escape, guarded
+from wsconvert.cli._gate import fmt
 
 _LABELS = {
     "baseline": "fine-tune a short BatchNorm baseline (batch 32)",
@@ -72,7 +73,7 @@ def demo_cmd(
     if result.parity is not None:
         for stage, s in result.parity.stage_summary().items():
             table.add_row(f"parity {stage}", f"{s['cases'] - s['failed']}/{s['cases']} within "
-                          f"tolerance, max abs {s['max_abs']:.2g}, max rel {s['max_rel']:.2g}")
+                          f"tolerance, max abs {fmt(s['max_abs'])}, max rel {fmt(s['max_rel'])}")
     table.add_row("time", ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items()))
     for key, path in result.files.items():
         table.add_row(key, escape(path))

@@ -91,10 +91,20 @@ def fold_cmd(
             raise OutputExistsError(f"{path}: already exists (pass --force to overwrite)")
     if onnx is not None and onnx.suffix != ".onnx":
         raise UsageError(f"--onnx {onnx}: the file name should end in .onnx")
+    if from_ws is not None and (model or model_kwargs):
+        raise UsageError("--model / --model-kwargs do not apply with --from: the architecture "
+                         "comes from the WS checkpoint")
+    gate_flags = {"--report": report, "--junit": junit, "--save-failing": save_failing,
+                  "--inputs": inputs, "--batch-sizes": batch_sizes}
+    unused = [flag for flag, value in gate_flags.items() if value is not None]
+    if unused and (onnx is None or no_check):
+        raise UsageError(f"{', '.join(unused)} need the parity check (--onnx without --no-check)")
+    if onnx is not None and not no_check:
+        _gate.check_gate_options(seeds, atol, rtol, report, junit, save_failing)
     shapes = parse_shapes(input_shape or [])
     if from_ws is not None:
         ws_model = load_model(from_ws, trust=trust, allow_classes=allow_class or ()).model
-        load_weights_into(ws_model, checkpoint, trust=trust)
+        load_weights_into(ws_model, checkpoint, trust=trust, allow_classes=allow_class or ())
     else:
         ws_model = load_model(checkpoint, model, model_kwargs, trust=trust,
                               allow_classes=allow_class or ()).model
@@ -104,10 +114,14 @@ def fold_cmd(
     payload: dict[str, Any] = {"input": str(checkpoint), "output": str(target),
                                "fold": result.to_dict()}
     exported = None
+    sets = None
     if onnx is not None:
-        # Export before writing anything: a bad shape or a failed export leaves no file behind.
+        # Inputs, export, then files: a bad option, shape or export leaves no file behind.
         config = ExportConfig(tuple(shapes) or (infer_input_shape(folded),),
                               dynamic_batch=dynamic_batch, opset=opset)
+        if not no_check:
+            sets = _gate.build_inputs(list(config.input_shapes), dynamic_batch, seeds,
+                                      batch_sizes, inputs)
         with out.status(f"exporting {onnx.name} (torch.onnx, opset {opset})..."):
             exported = export_onnx(copy.deepcopy(folded), onnx, config, force=force)
         payload["onnx"] = exported.to_dict()
@@ -123,9 +137,7 @@ def fold_cmd(
     if exported is not None and onnx is not None:
         out.result(f"[green]✓[/] exported {escape(onnx)} (opset {opset}, checker passed, no WS "
                    f"residue): {escape(_op_line(exported.op_histogram))}")
-        if not no_check:
-            sets = _gate.build_inputs(list(config.input_shapes), dynamic_batch, seeds,
-                                      batch_sizes, inputs)
+        if sets is not None:
             parity = _gate.run_gate(out, onnx, ws_model, folded, sets, atol, rtol, report,
                                     junit, save_failing)
             payload["parity"] = parity.to_dict()
