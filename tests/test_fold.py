@@ -82,3 +82,25 @@ def test_fuse_bn() -> None:
     assert isinstance(report.model[1], nn.Identity)
     x = torch.randn(2, 3, 10, 10)
     torch.testing.assert_close(report.model(x), ws(x), atol=1e-5, rtol=1e-4)
+
+
+def test_fuse_bn_only_when_bn_is_the_conv_s_sole_consumer() -> None:
+    class Skip(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+            self.bn = nn.BatchNorm2d(4)
+            self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+            self.bn2 = nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            return self.bn(y) + y + self.bn2(self.conv2(x))  # conv feeds bn and the sum
+
+    net = Skip().eval()
+    net.bn.running_mean.normal_()
+    report = fold_ws(apply_ws(net).model.eval(), fuse_bn=True)
+    assert [r.name for r in report.fused] == ["bn2"]
+    x = torch.randn(1, 4, 6, 6)
+    torch.testing.assert_close(report.model(x), apply_ws(net).model.eval()(x), atol=1e-5,
+                               rtol=1e-4)

@@ -10,7 +10,6 @@ layer then goes back to its original plain class, and the folded state dict load
 from __future__ import annotations
 
 import copy
-import itertools
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -84,35 +83,14 @@ def folded_weight(module: nn.Module) -> torch.Tensor:
 
 def _conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     """(conv, bn) module names where the BN consumes the conv's output and nothing else does."""
-    try:
-        import torch.fx
+    from wsconvert.norms import norm_layers, norms_after
 
-        graph = torch.fx.symbolic_trace(model).graph
-    except Exception:  # noqa: BLE001 - untraceable models fall back to Sequential order
-        return _sequential_pairs(model)
-    modules = dict(model.named_modules())
-    pairs = []
-    for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(
-                modules.get(str(node.target)), nn.modules.batchnorm._BatchNorm):
-            continue
-        src = node.args[0] if node.args else None
-        if (isinstance(src, torch.fx.Node) and src.op == "call_module" and len(src.users) == 1
-                and _is_plain_conv(modules.get(str(src.target)))):
-            pairs.append((str(src.target), str(node.target)))
-    return pairs
-
-
-def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    pairs = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Sequential):
-            kids = list(module.named_children())
-            for (a, ma), (b, mb) in itertools.pairwise(kids):
-                if _is_plain_conv(ma) and isinstance(mb, nn.modules.batchnorm._BatchNorm):
-                    prefix = f"{name}." if name else ""
-                    pairs.append((prefix + a, prefix + b))
-    return pairs
+    convs = {name for name, m in model.named_modules() if _is_plain_conv(m)}
+    bns = {name for name, m in norm_layers(model)
+           if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    follows, _ = norms_after(model, convs, bns, exclusive=True)
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    return sorted(((conv, bn) for bn, conv in follows.items()), key=lambda p: order[p[1]])
 
 
 def _is_plain_conv(module: nn.Module | None) -> bool:

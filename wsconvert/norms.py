@@ -210,9 +210,12 @@ class _LeafTracer(torch.fx.Tracer):
         return bool(super().is_leaf_module(m, module_qualified_name))
 
 
-def _follows_by_trace(model: nn.Module, ws_names: set[str],
-                      norm_names: set[str]) -> dict[str, str]:
-    """Map norm name -> the WS layer it follows, by tracing (raises when tracing fails)."""
+def _follows_by_trace(model: nn.Module, ws_names: set[str], norm_names: set[str],
+                      exclusive: bool = False) -> dict[str, str]:
+    """Map norm name -> the layer it follows, by tracing (raises when tracing fails).
+
+    ``exclusive``: the norm must also be the layer's only consumer (what fusing needs).
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         graph = _LeafTracer().trace(model)
@@ -222,17 +225,20 @@ def _follows_by_trace(model: nn.Module, ws_names: set[str],
             continue
         src = node.args[0] if node.args else None
         prev = (str(src.target) if isinstance(src, torch.fx.Node) and src.op == "call_module"
-                else "")
+                and (not exclusive or len(src.users) == 1) else "")
         calls.setdefault(str(node.target), []).append(prev)
     return {name: prevs[0] for name, prevs in calls.items()
             if prevs and all(p == prevs[0] and p in ws_names for p in prevs)}
 
 
-def _follows_by_order(model: nn.Module, ws_names: set[str],
-                      norm_names: set[str]) -> dict[str, str]:
-    """Map norm name -> WS layer registered just before it in the same parent."""
+def _follows_by_order(model: nn.Module, ws_names: set[str], norm_names: set[str],
+                      sequential_only: bool = False) -> dict[str, str]:
+    """Map norm name -> layer registered just before it in the same parent (only inside
+    ``nn.Sequential`` parents, where that is the data flow, with ``sequential_only``)."""
     found: dict[str, str] = {}
     for parent_name, parent in model.named_modules():
+        if sequential_only and not isinstance(parent, nn.Sequential):
+            continue
         prefix = f"{parent_name}." if parent_name else ""
         previous = ""
         for child_name, child in parent._modules.items():
@@ -243,6 +249,23 @@ def _follows_by_order(model: nn.Module, ws_names: set[str],
                 found[full] = previous
             previous = full
     return found
+
+
+def norms_after(model: nn.Module, layer_names: set[str], norm_names: set[str], *,
+                exclusive: bool = False) -> tuple[dict[str, str], str | None]:
+    """Which norms directly follow which layers: ``({norm: layer}, trace_error)``.
+
+    Traced with torch.fx; when tracing fails (``trace_error`` says why) the fallback is the
+    registration order within a parent. ``exclusive`` (for fusion) also requires the norm to be
+    the layer's only consumer, and limits the fallback to ``nn.Sequential`` parents.
+    """
+    try:
+        return _follows_by_trace(model, layer_names, norm_names, exclusive), None
+    except Exception as exc:  # noqa: BLE001 - any tracing failure means: use the fallback rule
+        text = str(exc).strip()
+        error = f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else (
+            type(exc).__name__)
+        return _follows_by_order(model, layer_names, norm_names, exclusive), error
 
 
 def _ws_names(model: nn.Module) -> set[str]:
@@ -304,13 +327,10 @@ def swap_norm(model: nn.Module, groups: int = 32, *, after: Iterable[str] | None
     norms = norm_layers(target)
     norm_names = {n for n, _ in norms}
     report = NormSwapReport(target, groups=groups)
-    try:
-        follows = _follows_by_trace(target, ws_names, norm_names)
-    except Exception as exc:  # noqa: BLE001 - any tracing failure means: use the fallback rule
+    follows, trace_error = norms_after(target, ws_names, norm_names)
+    if trace_error is not None:
         report.rule = "registration order"
-        report.trace_error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}" \
-            if str(exc).strip() else type(exc).__name__
-        follows = _follows_by_order(target, ws_names, norm_names)
+        report.trace_error = trace_error
     swapped: dict[str, dict[str, Any]] = {}
     for name, norm in norms:
         kind = type(norm).__name__
