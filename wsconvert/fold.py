@@ -15,12 +15,17 @@ from typing import Any, cast
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from wsconvert.conventions import standardize_rows
 from wsconvert.errors import ConversionError
-from wsconvert.foreign import PARAMETRIZATIONS, find_adapter, fold_foreign
+from wsconvert.foreign import (
+    describe_chains,
+    find_adapter,
+    fold_foreign,
+    known_parametrization,
+    parametrization_chains,
+)
 from wsconvert.surgery import bake_parametrizations, unregister_ws, ws_layers
 from wsconvert.ws import trainable_weight, ws_parametrization
 
@@ -106,26 +111,21 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 def _fold_parametrized(target: nn.Module, report: FoldReport, bake_unknown: bool) -> None:
     """Composer-style WS parametrizations fold exactly; unknown ones only when asked."""
     for name, module in list(target.named_modules()):
-        if not parametrize.is_parametrized(module):
+        chains = parametrization_chains(module)
+        if not chains:
             continue
-        plist = cast(nn.ModuleDict, module.parametrizations)
-        chains = {k: list(cast(nn.ModuleList, plist[k])) for k in plist}
-        weight_chain = chains.get("weight", [])
-        known = (set(chains) == {"weight"} and len(weight_chain) == 1
-                 and type(weight_chain[0]).__name__ in PARAMETRIZATIONS)
-        if known:
-            convention, eps = PARAMETRIZATIONS[type(weight_chain[0]).__name__](weight_chain[0])
+        known = known_parametrization(module)
+        if known is not None:
+            cls, convention, eps = known
             original = trainable_weight(module).detach()
             rows = standardize_rows(original.double().reshape(original.shape[0], -1),
                                     convention, eps)
             bake_parametrizations(module, {"weight": rows.reshape(original.shape).to(
                 original.dtype)})
             report.folded.append(FoldRecord(name, "parametrization", type(module).__name__,
-                                            f"{type(weight_chain[0]).__name__}: {convention} "
-                                            f"eps={eps:g}"))
+                                            f"{cls}: {convention} eps={eps:g}"))
             continue
-        kinds = ", ".join(f"{k}: {'+'.join(type(p).__name__ for p in c)}"
-                          for k, c in chains.items())
+        kinds = describe_chains(chains)
         if not bake_unknown:
             raise ConversionError(f"layer {name or '<root>'} carries an unknown parametrization "
                                   f"({kinds}); pass --bake-unknown to bake its current value")

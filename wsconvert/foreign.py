@@ -24,10 +24,14 @@ from wsconvert.conventions import Convention, get_convention, standardize_rows
 
 __all__ = [
     "ADAPTERS",
+    "PARAMETRIZATIONS",
     "Adapter",
     "SamePadConv2d",
+    "describe_chains",
     "find_adapter",
     "fold_foreign",
+    "known_parametrization",
+    "parametrization_chains",
     "register_adapter",
 ]
 
@@ -144,6 +148,35 @@ PARAMETRIZATIONS: dict[str, Callable[[nn.Module], tuple[str, float]]] = {
     # MosaicML Composer's apply_weight_standardization: biased var, eps inside the sqrt.
     "WeightStandardizer": lambda p: ("bit", _composer_eps(p)),
 }
+
+
+def parametrization_chains(module: nn.Module) -> dict[str, list[nn.Module]]:
+    """``{tensor name: [parametrization, ...]}`` for a parametrized module (empty otherwise)."""
+    from torch.nn.utils import parametrize
+
+    if not parametrize.is_parametrized(module):
+        return {}
+    plist = cast(nn.ModuleDict, module.parametrizations)
+    return {k: list(cast(nn.ModuleList, plist[k])) for k in plist}
+
+
+def known_parametrization(module: nn.Module) -> tuple[str, str, float] | None:
+    """``(class name, convention, eps)`` when the module's only parametrization is a known WS
+    one on its weight (see :data:`PARAMETRIZATIONS`)."""
+    chains = parametrization_chains(module)
+    weight = chains.get("weight", [])
+    if set(chains) != {"weight"} or len(weight) != 1:
+        return None
+    name = type(weight[0]).__name__
+    if name not in PARAMETRIZATIONS:
+        return None
+    convention, eps = PARAMETRIZATIONS[name](weight[0])
+    return name, convention, eps
+
+
+def describe_chains(chains: dict[str, list[nn.Module]]) -> str:
+    """``weight: A+B; bias: C`` for messages."""
+    return "; ".join(f"{k}: {'+'.join(type(p).__name__ for p in c)}" for k, c in chains.items())
 
 
 def register_adapter(adapter: Adapter) -> None:

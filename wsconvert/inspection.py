@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 from wsconvert.conventions import fan_in, to_rows
-from wsconvert.foreign import PARAMETRIZATIONS, find_adapter
+from wsconvert.foreign import (
+    describe_chains,
+    find_adapter,
+    known_parametrization,
+    parametrization_chains,
+)
 from wsconvert.surgery import FOREIGN_WS_CLASSES, candidate_layers
 from wsconvert.ws import trainable_weight, ws_parametrization
 
@@ -58,17 +63,12 @@ def _who_standardizes(module: nn.Module, kind: str
     if adapter is not None:
         convention, eps = adapter.convention(module)
         return "foreign", adapter.name, convention, eps
-    if parametrize.is_parametrized(module):
-        plist = cast(nn.ModuleDict, module.parametrizations)
-        chains = {k: list(cast(nn.ModuleList, plist[k])) for k in plist}
-        weight_chain = chains.get("weight", [])
-        if set(chains) == {"weight"} and len(weight_chain) == 1 and (
-                type(weight_chain[0]).__name__ in PARAMETRIZATIONS):
-            convention, eps = PARAMETRIZATIONS[type(weight_chain[0]).__name__](weight_chain[0])
-            return "parametrization", type(weight_chain[0]).__name__, convention, eps
-        names = "; ".join(f"{k}: {'+'.join(type(x).__name__ for x in c)}"
-                          for k, c in chains.items())
-        return "unknown", names, None, None
+    chains = parametrization_chains(module)
+    if chains:
+        known = known_parametrization(module)
+        if known is not None:
+            return "parametrization", *known
+        return "unknown", describe_chains(chains), None, None
     if kind in FOREIGN_WS_CLASSES:
         return "foreign", f"{kind} (attributes not recognized)", None, None
     return "none", None, None, None

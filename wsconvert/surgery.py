@@ -129,14 +129,12 @@ def _kind(module: nn.Module) -> str:
 
 
 def _foreign(module: nn.Module) -> bool:
-    from wsconvert.foreign import PARAMETRIZATIONS, find_adapter
+    from wsconvert.foreign import PARAMETRIZATIONS, find_adapter, parametrization_chains
 
     if find_adapter(module) is not None:
         return True
-    if parametrize.is_parametrized(module, "weight"):
-        plist = cast(nn.ModuleDict, module.parametrizations)["weight"]
-        return any(type(p).__name__ in PARAMETRIZATIONS for p in cast(nn.ModuleList, plist))
-    return False
+    return any(type(p).__name__ in PARAMETRIZATIONS
+               for p in parametrization_chains(module).get("weight", []))
 
 
 def _refuse_existing_ws(model: nn.Module) -> None:
