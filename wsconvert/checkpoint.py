@@ -48,6 +48,7 @@ __all__ = [
     "load_model",
     "load_weights_into",
     "read_checkpoint",
+    "read_inputs_file",
     "save",
     "save_state_dict",
     "write_text",
@@ -402,6 +403,32 @@ def _load_ws(obj: Mapping[str, Any], path: Path) -> LoadedModel:
     return LoadedModel(net.eval(), path, "wsconvert", arch)
 
 
+def read_inputs_file(path: str | os.PathLike[str]) -> Any:
+    """Sample inputs from disk, never unpickling: ``.npz`` (a dict of tensors in key order) and
+    ``.npy`` (a tensor) through numpy with ``allow_pickle=False``; anything else as a
+    ``weights_only`` checkpoint (see :func:`read_checkpoint`).
+
+    Raises:
+        CheckpointError: missing, empty or unreadable.
+    """
+    p = Path(path)
+    _check_file(p)
+    if p.suffix not in (".npz", ".npy"):
+        return read_checkpoint(p)
+    import numpy as np
+
+    try:
+        loaded = np.load(p, allow_pickle=False)
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded:
+                return {k: torch.from_numpy(loaded[k]) for k in loaded.files}
+        return torch.from_numpy(loaded)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else (
+            type(exc).__name__)
+        raise CheckpointError(f"{p}: not a readable numpy file ({reason})") from None
+
+
 def load_weights_into(model: nn.Module, path: str | os.PathLike[str], *,
                       trust: bool = False, allow_classes: Sequence[str] = ()) -> str:
     """Load a state dict file (any wrapper / prefix form) into ``model`` strictly.
@@ -544,9 +571,10 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, force: bool = False,
     return Path(path)
 
 
-def save_state_dict(state: Mapping[str, torch.Tensor] | nn.Module, path: str | os.PathLike[str],
-                    *, force: bool = False, protect: Sequence[str | os.PathLike[str]] = ()) -> Path:
-    """Write a plain state dict (or a whole module) atomically."""
+def save_state_dict(state: Mapping[str, torch.Tensor] | nn.Module | tuple[torch.Tensor, ...],
+                    path: str | os.PathLike[str], *, force: bool = False,
+                    protect: Sequence[str | os.PathLike[str]] = ()) -> Path:
+    """Write a plain state dict (or a whole module, or a tuple of input tensors) atomically."""
     with atomic_output(path, force=force, protect=protect) as tmp:
         _save_bytes(state, tmp)
     return Path(path)

@@ -114,28 +114,16 @@ def load_inputs(path: str | Path) -> tuple[Tensor, ...]:
     Raises:
         UsageError: unreadable file, no tensors, or inputs with different sample counts.
     """
+    from wsconvert.checkpoint import read_inputs_file
+    from wsconvert.errors import CheckpointError
+
     p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"--inputs {p}: no such file")
-    obj: Any
-    if p.suffix in (".npz", ".npy"):
-        import numpy as np
-
-        try:
-            loaded = np.load(p, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise UsageError(f"--inputs {p}: not a readable numpy file ({exc})") from None
-        obj = _pick(dict(loaded.items())) if isinstance(loaded, np.lib.npyio.NpzFile) else loaded
-    else:
-        from wsconvert.checkpoint import read_checkpoint
-        from wsconvert.errors import CheckpointError
-
-        try:
-            obj = read_checkpoint(p)
-        except CheckpointError as exc:
-            raise UsageError(f"--inputs {exc}") from None
-        if isinstance(obj, Mapping):
-            obj = _pick(obj)
+    try:
+        obj: Any = read_inputs_file(p)
+    except CheckpointError as exc:
+        raise UsageError(f"--inputs {exc}") from None
+    if isinstance(obj, Mapping):
+        obj = _pick(obj)
     items = list(obj) if isinstance(obj, list | tuple) else [obj]
     tensors = []
     for item in items:

@@ -164,23 +164,15 @@ def make_inputs(shapes: Sequence[tuple[int, ...]], seeds: int = 1,
 
 def load_inputs(path: str | os.PathLike[str]) -> list[InputSet]:
     """Real samples from ``.pt`` (a tensor, a tuple / list / dict of tensors, or a list of such
-    tuples for several sets) or ``.npz`` (arrays in key order, one set).
+    tuples for several sets), ``.npz`` (arrays in key order, one set) or ``.npy`` (one tensor).
 
     Raises:
         CheckpointError: unreadable or not tensors.
     """
-    import numpy as np
+    from wsconvert.checkpoint import read_inputs_file
 
     p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"{p}: no such inputs file")
-    try:
-        if p.suffix == ".npz":
-            with np.load(p, allow_pickle=False) as data:
-                return [InputSet(p.stem, tuple(torch.from_numpy(data[k]) for k in data.files))]
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any read failure is a bad inputs file
-        raise CheckpointError(f"{p}: cannot read inputs ({type(exc).__name__})") from None
+    obj = read_inputs_file(p)
 
     def as_set(o: Any, name: str) -> InputSet:
         if isinstance(o, Tensor):
@@ -203,16 +195,13 @@ def save_failing_inputs(report: ParityReport, inputs: Sequence[InputSet],
     failing = {c.input_set for c in report.failures}
     if not failing:
         return []
+    from wsconvert.checkpoint import save_state_dict, write_text
+
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    written = []
-    for s in inputs:
-        if s.name in failing:
-            f = d / f"{s.name}.pt"
-            torch.save(s.tensors, f)
-            written.append(f)
-    (d / "report.json").write_text(report.to_json())
-    return [*written, d / "report.json"]
+    written = [save_state_dict(s.tensors, d / f"{s.name}.pt", force=True)
+               for s in inputs if s.name in failing]
+    return [*written, write_text(d / "report.json", report.to_json())]
 
 
 def _flatten(out: Any) -> list[tuple[str, Tensor]]:
