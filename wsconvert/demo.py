@@ -8,9 +8,10 @@ Every file goes into one directory. The library computes; ``wsconvert demo`` ren
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,21 +89,18 @@ def run_demo(config: DemoConfig,
         x, y = make_dataset(config.train_samples, seed=1000 + config.seed, noise=config.noise)
         xt, yt = make_dataset(config.test_samples, seed=2000 + config.seed, noise=config.noise)
 
-        def stage(name: str) -> Callable[[Callable[[], None]], None]:
-            def run(body: Callable[[], None]) -> None:
-                notify(name, "start")
-                t0 = time.perf_counter()
-                body()
-                result.seconds[name] = round(time.perf_counter() - t0, 2)
-                notify(name, "done")
-            return run
+        @contextlib.contextmanager
+        def stage(name: str) -> Iterator[None]:
+            notify(name, "start")
+            t0 = time.perf_counter()
+            yield
+            result.seconds[name] = round(time.perf_counter() - t0, 2)
+            notify(name, "done")
 
         pretrained_path = out / "tinynet.pt"
         shutil.copyfile(EXAMPLE_CHECKPOINT, pretrained_path)
-        state: dict[str, Any] = {}
 
-        @stage("baseline")
-        def _() -> None:
+        with stage("baseline"):
             model = load_model(pretrained_path, EXAMPLE_FACTORY).model
             result.accuracy["pretrained"] = accuracy(model, xt, yt)
             torch.manual_seed(config.seed)
@@ -112,8 +110,7 @@ def run_demo(config: DemoConfig,
             result.files["baseline"] = save_state_dict(model.state_dict(), out / "baseline.pt",
                                                        force=True)
 
-        @stage("apply")
-        def _() -> None:
+        with stage("apply"):
             base = load_model(result.files["baseline"], EXAMPLE_FACTORY).model
             report = apply_ws(base, "paper", init="exact", inplace=True)
             swapped = swap_norm(report.model, config.groups, inplace=True)
@@ -122,8 +119,7 @@ def run_demo(config: DemoConfig,
             result.accuracy["converted"] = accuracy(swapped.model, xt, yt)
             result.files["ws"] = save(swapped.model, out / "baseline.ws.pt", force=True)
 
-        @stage("fine-tune")
-        def _() -> None:
+        with stage("fine-tune"):
             model = load(result.files["ws"])
             torch.manual_seed(config.seed)
             fine_tune(model, x, y, batch=2, lr=0.0125, epochs=config.finetune_epochs,
@@ -131,33 +127,27 @@ def run_demo(config: DemoConfig,
             result.accuracy["ws_gn_b2"] = accuracy(model, xt, yt)
             result.files["tuned"] = save(model, out / "tuned.ws.pt", force=True)
 
-        @stage("fold")
-        def _() -> None:
-            state["reference"] = load(result.files["tuned"]).eval()
-            folded = fold_ws(state["reference"])
-            state["folded"] = folded.model
-            result.summaries["fold"] = folded.summary()
-            result.accuracy["folded"] = accuracy(folded.model, xt, yt)
-            result.files["folded"] = save_state_dict(folded.model.state_dict(),
+        with stage("fold"):
+            # From the saved file, as a user's later `wsconvert fold` would.
+            reference = load(result.files["tuned"]).eval()
+            fold = fold_ws(reference)
+            result.summaries["fold"] = fold.summary()
+            result.accuracy["folded"] = accuracy(fold.model, xt, yt)
+            result.files["folded"] = save_state_dict(fold.model.state_dict(),
                                                      out / "tuned.folded.pt", force=True)
 
-        config_export = ExportConfig(((1, 3, 24, 24),), dynamic_batch=True)
-
-        @stage("export")
-        def _() -> None:
-            exported = export_onnx(state["folded"], out / "tuned.onnx", config_export,
-                                   force=True)
+        export_config = ExportConfig(((1, 3, 24, 24),), dynamic_batch=True)
+        with stage("export"):
+            exported = export_onnx(fold.model, out / "tuned.onnx", export_config, force=True)
             result.op_histogram = exported.op_histogram
             result.files["onnx"] = exported.path
 
-        @stage("parity")
-        def _() -> None:
-            inputs = make_inputs(config_export.input_shapes, seeds=2, batch_sizes=[1, 4])
-            report = check_parity(result.files["onnx"], state["reference"], inputs,
-                                  folded=state["folded"])
-            result.parity = report
-            result.files["parity_json"] = write_text(out / "parity.json", report.to_json())
-            result.files["parity_junit"] = write_text(out / "parity.xml", report.to_junit())
+        with stage("parity"):
+            inputs = make_inputs(export_config.input_shapes, seeds=2, batch_sizes=[1, 4])
+            parity = check_parity(exported.path, reference, inputs, folded=fold.model)
+            result.parity = parity
+            result.files["parity_json"] = write_text(out / "parity.json", parity.to_json())
+            result.files["parity_junit"] = write_text(out / "parity.xml", parity.to_junit())
     finally:
         torch.set_num_threads(threads)
     return result
