@@ -14,6 +14,12 @@ if TYPE_CHECKING:
 
     from wsconvert.parity import InputSet, ParityReport
 
+# The library's defaults (wsconvert.parity), restated here so `--help` does not import torch;
+# tests/test_cli_fold.py keeps the two in step.
+DEFAULT_ATOL = 1e-4
+DEFAULT_RTOL = 1e-3
+DEFAULT_SEEDS = 2
+
 InputShapeOpt = Annotated[list[str] | None, typer.Option(
     "--input-shape", metavar="N,C,H,W",
     help="Shape of one model input; repeat the flag, or separate shapes with ';', for several.")]
