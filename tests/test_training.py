@@ -148,13 +148,16 @@ def _ddp_worker(rank: int, world: int, port: int, out: str, use_accumulate: bool
             x, t = x[mine], t[mine]
             opt.zero_grad()
             if use_accumulate:
-                # Two micro-batches per rank; the allreduce fires on the exit of accumulate,
-                # when the gradients reach the trainable weights.
+                # Two micro-batches per rank. The gradients reach the weights on the exit of
+                # accumulate, outside a DDP-prepared backward: no_sync, then all-reduce by hand.
                 half = per_rank // 2
-                with accumulate(model.module):
-                    with model.no_sync():
-                        F.cross_entropy(model(x[:half]), t[:half]).div(2).backward()
+                with accumulate(model.module), model.no_sync():
+                    F.cross_entropy(model(x[:half]), t[:half]).div(2).backward()
                     F.cross_entropy(model(x[half:]), t[half:]).div(2).backward()
+                for p in model.parameters():
+                    if p.grad is not None:
+                        dist.all_reduce(p.grad)
+                        p.grad.div_(world)
             else:
                 F.cross_entropy(model(x), t).backward()
             opt.step()

@@ -291,6 +291,11 @@ def accumulate(model: nn.Module) -> Iterator[None]:
     Call ``optimizer.step()`` after the block, never inside it. On an exception inside the block
     the pending gradients are dropped.
 
+    With ``DistributedDataParallel``: the gradients reach the trainable weights on exit, outside
+    any backward pass DDP prepared for, so DDP cannot reduce them. Run the micro-batches under
+    ``ddp_model.no_sync()`` and all-reduce the gradients yourself after the block (sum, divide
+    by the world size), as in ``tests/test_training.py``.
+
     Example:
         >>> with wsconvert.accumulate(model):          # doctest: +SKIP
         ...     for x, t in micro_batches:
