@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -122,22 +121,24 @@ def test_half_model_small_weights_train_where_the_seed_formula_gives_nan() -> No
 # ------------------------------------------------------------------------------------------ DDP
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 STEPS, GLOBAL_BATCH = 3, 8
 
 
-def _ddp_worker(rank: int, world: int, port: int, out: str, use_accumulate: bool) -> None:
+def _ddp_worker(rank: int, world: int, store: str, out: str, use_accumulate: bool) -> None:
+    import datetime
+    import os
+
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
+    # Rendezvous through a file, not a TCP port chosen in the parent: a port found free there
+    # can be taken by another process (another test run on the machine, or gloo's own
+    # ephemeral connections) before rank 0 binds it, seconds later, after spawning. Gloo's
+    # transport binds its own ephemeral loopback ports, with no such window.
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=300))
     try:
         model = DDP(ws_net("paper", init="scale"))
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -185,7 +186,8 @@ def test_ddp_two_processes_equal_one_process(tmp_path: Path, use_accumulate: boo
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     out = tmp_path / "rank0.pt"
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(out), use_accumulate), nprocs=2, join=True)
+    store = tmp_path / "rendezvous"  # fresh per test: FileStore needs a file nobody used
+    mp.spawn(_ddp_worker, args=(2, str(store), str(out), use_accumulate), nprocs=2, join=True)
     got = torch.load(out, weights_only=True)
     want = _single_process_reference()
     assert got.keys() == want.keys()
