@@ -245,6 +245,30 @@ def test_compile_inductor_matches_eager_without_recompiling() -> None:
     _compile_matches_eager("inductor")
 
 
+def test_compiled_eval_matches_eager_and_follows_weight_updates() -> None:
+    """Under torch.compile the WS layer recomputes inside the graph; the eager cache and the
+    compiled graph agree before and after an optimizer step."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = ws_net("scaled", init="scale").eval()
+    compiled = torch.compile(model, backend="aot_eager")
+    x, _ = batch(seed=5)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model.train()
+    F.cross_entropy(model(x), batch(seed=5)[1]).backward()
+    opt.step()
+    model.eval()
+    with torch.no_grad():
+        eager = model(x)
+        torch.testing.assert_close(compiled(x), eager, atol=1e-5, rtol=1e-4)
+        fresh = copy.deepcopy(model)  # no cache carried over: computes from the weights
+        torch.testing.assert_close(fresh(x), eager, rtol=0, atol=0)
+    torch._dynamo.reset()
+
+
 # ------------------------------------------------------- state dicts, copies, optimizers, dtypes
 
 
