@@ -176,11 +176,9 @@ def _plain_tensors(tensors: tuple[Tensor | None, ...]) -> bool:
     return True
 
 
-def _meta(t: Tensor | None) -> tuple[Any, ...] | None:
-    if t is None:
-        return None
-    return (t.data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device,
-            t._version)
+def _meta(t: Tensor) -> tuple[Any, ...]:
+    return (t.data_ptr(), t._version, t.shape, t.stride(), t.storage_offset(), t.dtype,
+            t.device)
 
 
 class _OptimizerSteps:
@@ -208,22 +206,29 @@ class _Stamp:
     """Exactly which tensor values a cached result was computed from.
 
     Per tensor: a weak reference to its storage (a freed storage invalidates, even if a new one
-    later lands at the same address), its address, layout, dtype, device and version counter
-    (bumped by every in-place write: optimizer steps, ``copy_``, ``load_state_dict``).
+    later lands at the same address), its address, version counter (bumped by every in-place
+    write: optimizer steps, ``copy_``, ``load_state_dict``), layout, dtype and device.
     """
 
-    __slots__ = ("meta", "refs")
+    __slots__ = ("extra", "meta", "present", "refs")
 
     def __init__(self, tensors: tuple[Tensor | None, ...], extra: tuple[Any, ...]) -> None:
-        self.refs = [None if t is None else StorageWeakRef(  # type: ignore[no-untyped-call]
-            t.untyped_storage()) for t in tensors]
-        self.meta = (extra, *(_meta(t) for t in tensors))
+        self.present = tuple(t is not None for t in tensors)
+        self.refs = [StorageWeakRef(t.untyped_storage())  # type: ignore[no-untyped-call]
+                     for t in tensors if t is not None]
+        self.meta = [_meta(t) for t in tensors if t is not None]
+        self.extra = extra
 
     def matches(self, tensors: tuple[Tensor | None, ...], extra: tuple[Any, ...]) -> bool:
-        if any(r is not None and r.expired()  # type: ignore[no-untyped-call]
-               for r in self.refs):
+        if extra != self.extra or self.present != tuple(t is not None for t in tensors):
             return False
-        return self.meta == (extra, *(_meta(t) for t in tensors))
+        try:
+            if any(_meta(t) != m for t, m in zip(
+                    (t for t in tensors if t is not None), self.meta, strict=True)):
+                return False
+        except RuntimeError:  # no storage or no version counter (wrapper, inference tensor)
+            return False
+        return not any(r.expired() for r in self.refs)  # type: ignore[no-untyped-call]
 
 
 class WeightStandardization(nn.Module):
@@ -387,27 +392,37 @@ class WeightStandardization(nn.Module):
     def _records_grad(self, weight: Tensor) -> bool:
         if not torch.is_grad_enabled():
             return False
+        if weight.requires_grad:
+            return True
+        # Direct dict reads: this runs on every forward.
         return any(t is not None and t.requires_grad
-                   for t in (weight, self.gain, self.gamma, self.beta))
+                   for t in (self._parameters.get("gain"), self._buffers.get("gamma"),
+                             self._buffers.get("beta")))
 
     def _cached(self, weight: Tensor) -> Tensor:
         """The standardized weight, recomputed only when an input changed (no gradient)."""
-        self._work = []
-        tensors = (weight, self.gain, self.gamma, self.beta)
-        if not _plain_tensors(tensors) or forward_ad._current_level >= 0:
-            self._cache = None
-            return self._compute(weight, reuse=False)
-        extra = (_OptimizerSteps.watch(), self.convention, self.eps, self.scale,
+        # Runs on every evaluation forward: plain dict reads and writes, not Module attribute
+        # machinery.
+        state = self.__dict__
+        if state["_work"]:
+            state["_work"] = []
+        tensors = (weight, self._parameters.get("gain"), self._buffers.get("gamma"),
+                   self._buffers.get("beta"))
+        extra = (_OptimizerSteps.count, self.convention, self.eps, self.scale,
                  self.transposed, self.groups)
-        hit = self._cache
-        if hit is not None and hit[0].matches(tensors, extra) and hit[1]._version == hit[2]:
-            return hit[1]
-        self._cache = None  # release the stale value before computing the new one
+        hit = state["_cache"]
+        if (hit is not None and hit[1]._version == hit[2] and type(weight) in _CACHE_SAFE_TYPES
+                and forward_ad._current_level < 0 and hit[0].matches(tensors, extra)):
+            return cast(Tensor, hit[1])
+        state["_cache"] = None  # release the stale value before computing the new one
+        if not _plain_tensors(tensors) or forward_ad._current_level >= 0:
+            return self._compute(weight, reuse=False)
+        _OptimizerSteps.watch()
         # A normal tensor even under inference_mode: it has a version counter (a caller writing
         # into it invalidates it) and may later be used outside inference mode.
         with torch.inference_mode(False), torch.no_grad():
             value = self._compute(weight, reuse=False)
-        self._cache = (_Stamp(tensors, extra), value, value._version)
+        state["_cache"] = (_Stamp(tensors, extra), value, value._version)
         return value
 
     def forward(self, weight: Tensor) -> Tensor:
@@ -416,7 +431,7 @@ class WeightStandardization(nn.Module):
         if torch.compiler.is_compiling():
             return self._compute(weight, reuse=False)
         if self._records_grad(weight):
-            self._cache = None
+            self.__dict__["_cache"] = None  # training frees the evaluation cache
             return self._compute(weight, reuse=True)
         return self._cached(weight)
 
