@@ -503,3 +503,26 @@ def test_two_forwards_before_one_backward_give_the_reference_gradients() -> None
               for x in xs)
     ref.backward()  # type: ignore[union-attr]
     torch.testing.assert_close(layer.parametrizations.weight.original.grad, w.grad)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_activation_checkpointing_gives_the_same_gradients(reentrant: bool) -> None:
+    """Checkpointing runs the WS forward without keeping its output (no_grad, or saved-tensor
+    hooks that drop it), so the workspace is free again before the backward recomputes it."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(13)
+    net = apply_ws(nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Conv2d(6, 4, 3)), "aws").model
+    twin = copy.deepcopy(net)
+    x = torch.randn(2, 3, 9, 9, requires_grad=True)
+    for _ in range(2):  # a second step reuses the workspaces of the first
+        for m in (net, twin):
+            m.zero_grad(set_to_none=True)
+        checkpoint(net, x, use_reentrant=reentrant).square().mean().backward()
+        twin(x).square().mean().backward()
+        for (name, a), b in zip(net.named_parameters(), twin.parameters(), strict=True):
+            torch.testing.assert_close(a.grad, b.grad, msg=name)
+        with torch.no_grad():
+            for m in (net, twin):
+                for prm in m.parameters():
+                    prm.sub_(0.1 * prm.grad)

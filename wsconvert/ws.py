@@ -22,6 +22,7 @@ gradients. Figures: docs/performance.md.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any, cast
 
@@ -59,6 +60,9 @@ _FLOATS = (torch.float32, torch.float64)
 # How many live tensors use a storage (``None`` where this torch lacks the helper: then no
 # workspace is ever reused).
 _storage_use_count: Callable[[int], int] | None = getattr(torch._C, "_storage_Use_Count", None)
+
+
+_WORKSPACE_LOCK = threading.Lock()
 
 
 def _only_holder(work: Tensor) -> bool:
@@ -370,14 +374,15 @@ class WeightStandardization(nn.Module):
         if (rows.device.type != "cpu" or rows.dtype not in _FLOATS
                 or torch.compiler.is_compiling()):
             return None
-        for w in self._work:
-            if (w.shape == rows.shape and w.dtype == rows.dtype and w.device == rows.device
-                    and _only_holder(w)):
-                return w.detach()
-        new = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
-        # At most two: a layer called twice per step (shared weights) reuses both.
-        self._work = [*self._work[-1:], new]
-        return new.detach()
+        with _WORKSPACE_LOCK:  # check and take (a new alias holds it) as one step
+            for w in self._work:
+                if (w.shape == rows.shape and w.dtype == rows.dtype
+                        and w.device == rows.device and _only_holder(w)):
+                    return w.detach()
+            new = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
+            # At most two: a layer called twice per step (shared weights) reuses both.
+            self._work = [*self._work[-1:], new]
+            return new.detach()
 
     def _compute(self, weight: Tensor, reuse: bool) -> Tensor:
         rows = to_rows(weight, transposed=self.transposed, groups=self.groups)
