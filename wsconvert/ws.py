@@ -14,9 +14,17 @@ with ``y`` the standardized rows, ``s`` the inverse spread and ``k`` set by the 
 (``s * N / (N - b)`` with eps inside the square root, ``N / ((N - b) * sigma)`` with eps added to
 the std, ``b`` = 1 for the unbiased variance). That is batch norm's training backward for a
 zero-mean input, so it runs as ATen's fused ``native_batch_norm_backward`` kernel, which also
-returns the per-channel gain gradient. :func:`accumulate` goes further for gradient accumulation:
-one standardization per optimizer step instead of one per micro-batch, with exactly the same
-gradients. Figures: docs/performance.md.
+returns the per-channel gain gradient. Only the output is saved for it (gamma / beta included:
+the kernel's "mean" argument takes beta). On CPU the output goes into a per-layer workspace that
+is reused once nothing holds the previous step's value, instead of a fresh page-faulting tensor
+per step. :func:`accumulate` goes further for gradient accumulation: one standardization per
+optimizer step instead of one per micro-batch, with exactly the same gradients.
+
+Evaluation: when no gradient is recorded, the standardized weight is cached and reused until one
+of its inputs changes, which is detected exactly (storage identity, version counters, layout,
+dtype, device, eps, and any ``optimizer.step()``, since fused optimizers do not bump version
+counters). Training frees the cache; the cache is never saved, pickled or copied. Figures and
+pass counts: docs/performance.md.
 """
 
 from __future__ import annotations
