@@ -16,9 +16,9 @@ import wsconvert
 from wsconvert.calibration import calibrate_bn
 from wsconvert.defaults import DRIFT_THRESHOLD, PROBE_BATCH, PROBE_SPATIAL
 from wsconvert.drift import check_drift, measure_drift
+from wsconvert.errors import ConversionError, UsageError
 from wsconvert.io.inputs import infer_input_shape, parse_shapes, sample_tensors
 from wsconvert.probes import ProbeSource
-from wsconvert.errors import ConversionError, UsageError
 from wsconvert.surgery import apply_ws
 
 
