@@ -18,7 +18,7 @@ import copy
 import os
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -342,7 +342,6 @@ class FoldResult:
     fold: FoldReport
     onnx: ExportResult | None = None
     parity: ParityReport | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def model(self) -> nn.Module:
