@@ -242,3 +242,14 @@ def test_cli_bench_unknown_optimizer_one_line_error() -> None:
     proc = _cli("bench", "--optimizer", "lbfgs", "--rounds", "1")
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error:") and "lbfgs" in proc.stderr
+
+
+def test_cli_bench_shape_error_names_the_flag(tmp_path: Path) -> None:
+    from wsconvert.io.wsfile import save
+
+    save(apply_ws(_user_net(), "bit").model, tmp_path / "m.ws.pt")
+    proc = _cli("bench", str(tmp_path / "m.ws.pt"), "--input-shape", "5,8,8", "--rounds", "1",
+                "--trust")
+    assert proc.returncode == 2
+    line = proc.stderr.strip()
+    assert line.startswith("error:") and "--input-shape 5,8,8 does not fit" in line, line

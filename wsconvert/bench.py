@@ -120,9 +120,9 @@ class BenchConfig:
             UsageError: a setting out of range or an unknown name.
         """
         if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
-            raise UsageError(f"batch sizes must be >= 1, got {list(self.batch_sizes)}")
+            raise UsageError(f"`batch_sizes` must be >= 1, got {list(self.batch_sizes)}")
         if not self.input_shape or any(d < 1 for d in self.input_shape):
-            raise UsageError(f"input shape must be positive sizes, got {list(self.input_shape)}")
+            raise UsageError(f"`input_shape` must be positive sizes, got {list(self.input_shape)}")
         if self.accumulate < 1:
             raise UsageError(f"accumulate must be >= 1, got {self.accumulate}")
         if self.rounds < 1 or self.warmup < 0:
@@ -353,7 +353,7 @@ def _target_shape(model: nn.Module, example: Tensor) -> tuple[int, ...]:
     except Exception as exc:  # noqa: BLE001 - any failure means the shape does not fit
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         shape = ",".join(str(d) for d in example.shape[1:])
-        raise UsageError(f"--input-shape {shape} does not fit the model: {msg[:200]}") from None
+        raise UsageError(f"`input_shape` {shape} does not fit the model: {msg[:200]}") from None
     finally:
         model.train()
     if not isinstance(out, Tensor) or out.dim() < 2 or not out.is_floating_point():
