@@ -526,3 +526,18 @@ def test_activation_checkpointing_gives_the_same_gradients(reentrant: bool) -> N
             for m in (net, twin):
                 for prm in m.parameters():
                     prm.sub_(0.1 * prm.grad)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_exact_init_gradient_with_a_mean_larger_than_the_spread(offset: float) -> None:
+    """init="exact" keeps only z = gamma*y + beta for the backward, which takes beta as batch
+    norm's "mean"; with a filter mean 20x its spread the float32 gradient still matches the
+    float64 reference formula on the same (float32-rounded) weights."""
+    torch.manual_seed(14)
+    w = (torch.randn(6, 4, 3, 3) * 0.05 + offset).requires_grad_()
+    g = torch.randn(6, 4, 3, 3)
+    p = WeightStandardization(w.detach(), "paper", init="exact")
+    (p(w) * g).sum().backward()
+    ref = w.detach().double().requires_grad_()
+    (copy.deepcopy(p).double().reference(ref) * g.double()).sum().backward()
+    torch.testing.assert_close(w.grad.double(), ref.grad, atol=1e-5, rtol=1e-4)

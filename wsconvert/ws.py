@@ -126,6 +126,8 @@ class _Standardize(torch.autograd.Function):
         ctx.dtypes = (rows.dtype, None if scale is None else scale.dtype,
                       None if shift is None else shift.dtype)
         o = y.shape[0]
+        # z - c gives back a * y to within ulp(c) / |a|: the order of the forward's own centring
+        # error, ulp(mu) / sigma (for init="exact", c = mu and a = sigma).
         if a is None or bool((a != 0).all()):
             # One in-place sweep (two with a shift): z = y * (s * a) + c, and z is all the
             # backward needs.
