@@ -200,6 +200,7 @@ def test_bench_optimizers_and_eval_rows(optimizer: str) -> None:
     assert train.row("plain").passes == estimated_passes("plain", optimizer=optimizer)
     assert train.row("wsconvert:aws").passes == estimated_passes("wsconvert:aws",
                                                                  optimizer=optimizer)
+    assert train.row("wsconvert:aws").passes == train.row("plain").passes + 11
     assert [r.passes for r in ev.rows] == [0, 0, 6, 4]
     d = json.loads(json.dumps(report.to_dict()))
     assert d["settings"][1]["mode"] == "eval" and d["optimizer"] == optimizer
@@ -208,9 +209,11 @@ def test_bench_optimizers_and_eval_rows(optimizer: str) -> None:
 def test_estimated_passes_model() -> None:
     # Plain SGD: read the gradient and the weight, write the weight.
     assert [estimated_passes("plain", optimizer=o) for o in OPTIMIZERS] == [3, 8, 20]
-    # WS: forward mean / centre / norm / scale (6), backward kernel 5; beta one more sweep.
+    # WS: forward mean / centre / norm / scale (6), backward kernel 5; a gain and beta one more
+    # in-place sweep each.
     assert estimated_passes("wsconvert:paper") == 3 + 11
-    assert estimated_passes("wsconvert:paper", shift=True) == 3 + 13
+    assert estimated_passes("wsconvert:scaled", gain=True) == 3 + 13
+    assert estimated_passes("wsconvert:paper", gain=True, shift=True) == 3 + 15
     # Accumulation: wsconvert standardizes once per step, the references per micro-batch.
     assert estimated_passes("wsconvert:tf", accumulate=8) == 3 + 7 * 3 + 11
     assert estimated_passes("timm-bn", accumulate=8) == 3 + 7 * 3 + 8 * 9
@@ -253,3 +256,11 @@ def test_cli_bench_shape_error_names_the_flag(tmp_path: Path) -> None:
     assert proc.returncode == 2
     line = proc.stderr.strip()
     assert line.startswith("error:") and "--input-shape 5,8,8 does not fit" in line, line
+
+
+def test_bench_counts_the_gain_sweep() -> None:
+    cfg = BenchConfig(batch_sizes=(1,), conventions=("scaled", "bit"), references=(),
+                      input_shape=(3, 8, 8), rounds=1, warmup=0, threads=1)
+    rows = run_bench(config=cfg).settings[0]
+    assert rows.row("wsconvert:scaled").passes == 3 + 13
+    assert rows.row("wsconvert:bit").passes == 3 + 11

@@ -274,11 +274,11 @@ _OPTIMIZER_PASSES = {"sgd": 3, "sgd-momentum": 8, "adamw": 20}
 _ACCUMULATE_PASSES = 3  # .grad += the next micro-batch's gradient
 _FORWARD_PASSES = {"wsconvert": 6, "seed": 6, "timm-bn": 4}
 _BACKWARD_PASSES = {"wsconvert": 5, "seed": 25, "timm-bn": 5}
-_SHIFT_PASSES = 2  # init="exact": beta added in one more in-place sweep
+_AFFINE_PASSES = 2  # one more in-place sweep each: the gain (or gamma), beta
 
 
 def estimated_passes(form: str, *, optimizer: str = "sgd", accumulate: int = 1,
-                     mode: str = "train", shift: bool = False) -> int:
+                     mode: str = "train", gain: bool = False, shift: bool = False) -> int:
     """Estimated weight-size memory passes per conv layer per step of ``form``.
 
     Args:
@@ -288,7 +288,9 @@ def estimated_passes(form: str, *, optimizer: str = "sgd", accumulate: int = 1,
             step inside :func:`wsconvert.accumulate`; the references once per micro-batch).
         mode: ``train`` (one optimizer step) or ``eval`` (one forward under ``no_grad``;
             ``wsconvert`` reuses its cached standardized weight).
-        shift: the WS layers carry ``gamma`` / ``beta`` (``init="exact"``).
+        gain: the WS layers multiply by a per-channel factor (the ``scaled`` convention,
+            ``init="scale"`` or ``init="exact"``).
+        shift: the WS layers add ``beta`` (``init="exact"``).
 
     Raises:
         UsageError: unknown form, optimizer or mode.
@@ -309,7 +311,7 @@ def estimated_passes(form: str, *, optimizer: str = "sgd", accumulate: int = 1,
         return passes
     ws = _FORWARD_PASSES[kind] + _BACKWARD_PASSES[kind]
     if kind == "wsconvert":
-        return passes + ws + (_SHIFT_PASSES if shift else 0)
+        return passes + ws + _AFFINE_PASSES * (int(gain) + int(shift))
     return passes + ws * accumulate
 
 
@@ -332,10 +334,13 @@ def _make_optimizer(name: str, params: Any) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=1e-4, momentum=0.9 if name == "sgd-momentum" else 0.0)
 
 
-def _has_shift(model: nn.Module) -> bool:
+def _affine(model: nn.Module) -> tuple[bool, bool]:
+    """Whether the model's WS layers multiply by a per-channel factor, and add beta."""
     from wsconvert.surgery import ws_layers
 
-    return any(p.beta is not None for _, _, p in ws_layers(model))
+    layers = [p for _, _, p in ws_layers(model)]
+    return (any(p.gain is not None or p.gamma is not None or p.scale != 1.0 for p in layers),
+            any(p.beta is not None for p in layers))
 
 
 def _conv_parameters(model: nn.Module) -> int:
@@ -507,10 +512,12 @@ def _measure(variants: list[tuple[str, nn.Module, bool]], cfg: BenchConfig, batc
         forms.append(_Form(name, m, _make_optimizer(cfg.optimizer, m.parameters()), use_acc))
     _rounds(forms, cfg, lambda f: _step(f, batches))
     plain = forms[0].times
-    rows = [_row(f, plain, estimated_passes(f.name.split(" ")[0], optimizer=cfg.optimizer,
-                                            accumulate=cfg.accumulate,
-                                            shift=_has_shift(f.model)))
-            for f in forms]
+    rows = []
+    for f in forms:
+        gain, shift = _affine(f.model)
+        rows.append(_row(f, plain, estimated_passes(
+            f.name.split(" ")[0], optimizer=cfg.optimizer, accumulate=cfg.accumulate,
+            gain=gain, shift=shift)))
     settings = [BenchSetting(batch, _with_reference_ratios(rows), "train")]
     if cfg.evaluate:
         x = batches[0][0]

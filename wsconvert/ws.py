@@ -129,9 +129,12 @@ class _Standardize(torch.autograd.Function):
         # z - c gives back a * y to within ulp(c) / |a|: the order of the forward's own centring
         # error, ulp(mu) / sigma (for init="exact", c = mu and a = sigma).
         if a is None or bool((a != 0).all()):
-            # One in-place sweep (two with a shift): z = y * (s * a) + c, and z is all the
-            # backward needs.
-            z = y.mul_(s if a is None else s * a)
+            # In place: z = (y * s) * a + c, and z is all the backward needs. s and a are
+            # applied in two sweeps, not one by s * a: the rounding of earlier releases, so
+            # saved models give bit-identical outputs (tests/test_wsfile.py).
+            z = y.mul_(s)
+            if a is not None:
+                z.mul_(a)
             if c is not None:
                 z.add_(c)
             invstd = sqrt_r if a is None else sqrt_r / a
@@ -177,6 +180,10 @@ def _no_autocast(device_type: str) -> contextlib.AbstractContextManager[Any]:
 _CACHE_SAFE_TYPES = (Tensor, nn.Parameter)
 
 
+_is_functorch_wrapped: Callable[[Tensor], bool] = getattr(
+    getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", lambda t: False)
+
+
 def _plain_tensors(tensors: tuple[Tensor | None, ...]) -> bool:
     """Tensors whose storage and version counter identify their value: not inference tensors
     (no version counter), not functorch wrappers or subclasses (no storage of their own)."""
@@ -185,7 +192,7 @@ def _plain_tensors(tensors: tuple[Tensor | None, ...]) -> bool:
             continue
         if type(t) not in _CACHE_SAFE_TYPES or t.is_inference():
             return False
-        if torch._C._functorch.is_functorch_wrapped_tensor(t):
+        if _is_functorch_wrapped(t):
             return False
     return True
 
