@@ -120,10 +120,3 @@ def test_fold_check_bad_input(ws_ckpt: Path) -> None:
                        "--force", cwd=cwd), 2, "does not fit")
     assert not (cwd / "x.onnx").exists()
     assert not [p for p in cwd.iterdir() if p.name.startswith(".")]
-
-
-def test_cli_gate_defaults_are_the_library_s() -> None:
-    from wsconvert import parity
-    from wsconvert.cli import _gate
-
-    assert (_gate.DEFAULT_ATOL, _gate.DEFAULT_RTOL) == (parity.DEFAULT_ATOL, parity.DEFAULT_RTOL)

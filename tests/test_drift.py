@@ -13,16 +13,11 @@ from test_cli import EXE, one_line_error, run
 from torch import Tensor, nn
 
 import wsconvert
-from wsconvert.drift import (
-    DRIFT_THRESHOLD,
-    ProbeSource,
-    calibrate_bn,
-    check_drift,
-    infer_input_shape,
-    load_inputs,
-    measure_drift,
-    parse_input_shape,
-)
+from wsconvert.calibration import calibrate_bn
+from wsconvert.defaults import DRIFT_THRESHOLD, PROBE_BATCH, PROBE_SPATIAL
+from wsconvert.drift import check_drift, measure_drift
+from wsconvert.io.inputs import infer_input_shape, parse_shapes, sample_tensors
+from wsconvert.probes import ProbeSource
 from wsconvert.errors import ConversionError, UsageError
 from wsconvert.surgery import apply_ws
 
@@ -149,23 +144,23 @@ def test_calibration_reduces_drift_on_real_samples(tmp_path: Path) -> None:
 
 
 def test_probe_shapes_and_files(tmp_path: Path) -> None:
-    assert parse_input_shape("1,3,224,224") == ((1, 3, 224, 224),)
-    assert parse_input_shape("2,4,9;2,2,3,5,5") == ((2, 4, 9), (2, 2, 3, 5, 5))
+    assert parse_shapes("1,3,224,224") == ((1, 3, 224, 224),)
+    assert parse_shapes("2,4,9;2,2,3,5,5") == ((2, 4, 9), (2, 2, 3, 5, 5))
     for bad in ("", "1,a", "0,3"):
         with pytest.raises(UsageError):
-            parse_input_shape(bad)
-    assert infer_input_shape(_net()) == (8, 3, 64, 64)
-    assert infer_input_shape(nn.Conv3d(2, 3, 1), batch=2) == (2, 2, 16, 16, 16)
-    with pytest.raises(UsageError, match="--input-shape"):
+            parse_shapes(bad)
+    assert infer_input_shape(_net(), PROBE_BATCH, PROBE_SPATIAL) == (8, 3, 64, 64)
+    assert infer_input_shape(nn.Conv3d(2, 3, 1), 2, PROBE_SPATIAL) == (2, 2, 16, 16, 16)
+    with pytest.raises(UsageError, match="`input_shape`"):
         infer_input_shape(nn.Linear(2, 2))
     np.savez(tmp_path / "s.npz", x=np.ones((5, 3, 4, 4), dtype=np.float32))
-    (x,) = load_inputs(tmp_path / "s.npz")
+    (x,) = sample_tensors(tmp_path / "s.npz")
     assert x.shape == (5, 3, 4, 4)
     torch.save((torch.zeros(3, 2), torch.ones(3, 4)), tmp_path / "pair.pt")
-    assert [t.shape[1] for t in load_inputs(tmp_path / "pair.pt")] == [2, 4]
+    assert [t.shape[1] for t in sample_tensors(tmp_path / "pair.pt")] == [2, 4]
     torch.save((torch.zeros(3, 2), torch.ones(2, 4)), tmp_path / "bad.pt")
     with pytest.raises(UsageError, match="disagree"):
-        load_inputs(tmp_path / "bad.pt")
+        sample_tensors(tmp_path / "bad.pt")
     source = ProbeSource(samples=(torch.arange(5.0)[:, None],), batch_size=2)
     assert source.batch(2)[0].flatten().tolist() == [4.0, 0.0]  # cycles
     assert source.drift_batches() == 3
@@ -176,7 +171,7 @@ def test_probe_shapes_and_files(tmp_path: Path) -> None:
 
 def test_forward_failure_is_a_usage_error() -> None:
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)).eval()
-    with pytest.raises(UsageError, match="--input-shape"):
+    with pytest.raises(UsageError, match="`input_shape`"):
         check_drift(net, apply_ws(net).model, ProbeSource.for_model(net))
     ok = check_drift(net, apply_ws(net).model, ProbeSource.for_model(net, "2,3,8,8"))
     assert ok.before.samples == 4

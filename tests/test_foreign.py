@@ -91,7 +91,7 @@ def test_composer_parametrization_folds_and_unknown_needs_bake() -> None:
     odd = nn.Sequential(nn.Conv2d(3, 4, 3))
     torch.nn.utils.parametrize.register_parametrization(odd[0], "weight", fl.Scale())
     assert inspect_model(odd)[0].ws == "unknown"
-    with pytest.raises(ConversionError, match="--bake-unknown"):
+    with pytest.raises(ConversionError, match="`bake_unknown=True`"):
         fold_ws(odd)
     baked = fold_ws(odd, bake_unknown=True)
     assert baked.folded[0].kind == "baked" and type(baked.model[0]) is nn.Conv2d

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich.table import Table
+
 from wsconvert.cli._common import (
     AllowClassOpt,
     CheckpointArg,
@@ -18,8 +20,6 @@ from wsconvert.cli._common import (
 
 
 def _table(layers: list[dict[str, Any]], title: str) -> Any:
-    from rich.table import Table
-
     table = Table(title=title, title_justify="left")
     for col in ("layer", "kind", "shape", "fan-in", "WS", "max |mean|", "std range"):
         table.add_column(col, justify="right" if col in ("fan-in", "max |mean|") else "left")
@@ -54,8 +54,9 @@ def inspect_cmd(
     Example:
       wsconvert inspect model.ws.pt
     """
-    from wsconvert.checkpoint import load_model
+    # Both import torch: not on the --help path.
     from wsconvert.inspection import inspect_model
+    from wsconvert.io.wsfile import load_model
 
     out = Output(as_json)
     loaded = load_model(checkpoint, model, model_kwargs, trust=trust,
