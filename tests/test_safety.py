@@ -131,12 +131,12 @@ def files(net_state: Path) -> dict[str, Path]:
     code, _, err = invoke("apply", net_state, "-m", "wsnets:build", "--no-drift")
     assert code == 0, err
     code, _, err = invoke("fold", "net.ws.pt", "-m", "wsnets:build", "--onnx", "net.onnx",
-                          "--input-shape", SHAPE, "--no-check")
+                          "-o", "fixture.folded.pt", "--input-shape", SHAPE, "--no-check")
     assert code == 0, err
     torch.save({"x": torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(3))},
                d / "in.pt")
     return {"state": net_state, "ws": d / "net.ws.pt", "onnx": d / "net.onnx",
-            "folded": d / "net.folded.pt", "inputs": d / "in.pt"}
+            "folded": d / "fixture.folded.pt", "inputs": d / "in.pt"}
 
 
 def _rewrite_ws(src: Path, dst: Path, edit: Callable[[dict[str, Any]], None]) -> Path:
@@ -169,7 +169,8 @@ def test_recorded_factory_never_runs_without_consent_cli(evil_ws: tuple[Path, Pa
     cases: list[list[Any]] = [
         ["inspect", evil], ["fold", evil], ["apply", evil, "-o", "x.ws.pt"],
         ["fold", evil, "--onnx", "e.onnx", "--input-shape", SHAPE],
-        ["check", files["onnx"], "--against", evil], ["fold", files["state"], "--from", evil]]
+        ["check", files["onnx"], "--against", evil],
+        ["fold", files["state"], "--from", evil, "-o", "x.pt"]]
     for args in cases:
         line = bad(args, d, "evil.ws.pt", "os:system", "--model os:system", "--trust")
         assert not marker.exists(), args
@@ -498,7 +499,7 @@ def test_file_names_are_never_markup(files: dict[str, Path]) -> None:
                "--input-shape", SHAPE, cwd=d)
     assert proc.returncode == 0, proc.stderr
     assert "m[bold].onnx" in proc.stdout and "ckpt[ep3].folded.pt" in proc.stdout
-    proc = run("apply", "ckpt[ep3].pt", "-m", "[/]:x", cwd=d)
+    proc = run("apply", "ckpt[ep3].pt", "-m", "[/]:x", "-o", "m2.ws.pt", cwd=d)
     assert proc.returncode == 2
     error_line(2, proc.stderr, "[/]:x")
     proc = run("apply", "ckpt[ep3].pt", "-m", "wsnets:build", "-o", "[red]x[/red]/o.pt", cwd=d)
@@ -660,9 +661,8 @@ def test_probe_input_size_guard(files: dict[str, Path]) -> None:
 
 
 def test_probe_input_size_limit_edge() -> None:
-    from wsconvert.io.inputs import MAX_INPUT_ELEMENTS, check_input_size
-
     from wsconvert.errors import UsageError
+    from wsconvert.io.inputs import MAX_INPUT_ELEMENTS, check_input_size
 
     check_input_size([(1, MAX_INPUT_ELEMENTS)])
     check_input_size([(1, MAX_INPUT_ELEMENTS // 2), (1, MAX_INPUT_ELEMENTS // 2)])
@@ -839,10 +839,10 @@ def test_fuzz_output_path_collisions(files: dict[str, Path]) -> None:
         chosen = {slot: pick(slot) for slot in slots}
         save_failing = rng.choice([None, ".", "sf"])
         if command == "fold":
-            args = ["fold", "net.ws.pt", "-m", "wsnets:build", "--input-shape", SHAPE]
+            args = ["fold", str(d / "net.ws.pt"), "-m", "wsnets:build", "--input-shape", SHAPE]
         else:
-            args = ["check", "net.onnx", "--against", "net.ws.pt", "-m", "wsnets:build",
-                    "--inputs", "in.pt"]
+            args = ["check", str(d / "net.onnx"), "--against", str(d / "net.ws.pt"), "-m",
+                    "wsnets:build", "--inputs", str(d / "in.pt")]
         for slot, name in chosen.items():
             args += [slot, str(d / name)]
         written = [d / name for name in chosen.values()]

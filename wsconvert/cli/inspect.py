@@ -8,6 +8,7 @@ from rich.table import Table
 
 from wsconvert.cli._common import (
     AllowClassOpt,
+    AllowNonfiniteOpt,
     CheckpointArg,
     JsonOpt,
     ModelKwargsOpt,
@@ -46,6 +47,7 @@ def inspect_cmd(
     model_kwargs: ModelKwargsOpt = None,
     trust: TrustOpt = False,
     allow_class: AllowClassOpt = None,
+    allow_nonfinite: AllowNonfiniteOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Show each conv / linear layer: kind, shape, fan-in, WS status, filter mean and std.
@@ -60,7 +62,7 @@ def inspect_cmd(
 
     out = Output(as_json)
     loaded = load_model(checkpoint, model, model_kwargs, trust=trust,
-                        allow_classes=allow_class or ())
+                        allow_classes=allow_class or (), allow_nonfinite=allow_nonfinite)
     layers = [info.to_dict() for info in inspect_model(loaded.model)]
     n_ws = sum(1 for r in layers if r["ws"] in ("wsconvert", "foreign", "parametrization"))
     n_unknown = sum(1 for r in layers if r["ws"] == "unknown")
