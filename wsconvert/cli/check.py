@@ -64,7 +64,7 @@ def check_cmd(
 
     \b
     Example:
-      wsconvert check model.onnx --against model.ws.pt --junit parity.xml --json
+      wsconvert check model.onnx --against model.ws.pt -m pkg.nets:build --junit parity.xml
     """
     from wsconvert.pipeline import gate  # imports torch: not on the --help path
 

@@ -80,8 +80,8 @@ def fold_cmd(
 
     \b
     Example:
-      wsconvert fold model.ws.pt --onnx model.onnx --dynamic-batch --junit parity.xml
-      wsconvert fold finetuned_state.pt --from model.ws.pt -o final.pt
+      wsconvert fold model.ws.pt -m pkg.nets:build --onnx model.onnx --dynamic-batch
+      wsconvert fold finetuned_state.pt --from model.ws.pt -m pkg.nets:build -o final.pt
     """
     from wsconvert.pipeline import fold_and_export  # imports torch: not on the --help path
 

@@ -54,7 +54,7 @@ def inspect_cmd(
 
     \b
     Example:
-      wsconvert inspect model.ws.pt
+      wsconvert inspect model.ws.pt --model pkg.nets:build
     """
     # Both import torch: not on the --help path.
     from wsconvert.inspection import inspect_model

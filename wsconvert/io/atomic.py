@@ -81,8 +81,8 @@ def check_output(path: PathLike, *, force: bool = False, protect: Sequence[Prote
     for q in protect:
         q_name, q_path = q if isinstance(q, tuple) else (None, q)
         if os.path.exists(q_path) and identity(q_path) == ident:
-            raise UsageError(f"{label}: would overwrite an input of this run "
-                             f"({_label(q_name, q_path)}); an output never replaces an input")
+            raise UsageError(f"{label}: would overwrite the input {_label(q_name, q_path)}; "
+                             "an output never replaces an input")
     write = target
     if target.is_symlink():
         if not force:
