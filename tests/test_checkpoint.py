@@ -10,8 +10,6 @@ import pytest
 import torch
 
 import wsconvert
-from wsconvert.io.atomic import save_state_dict
-from wsconvert.io.wsfile import load_model
 from wsconvert.errors import (
     CheckpointError,
     ModelSpecError,
@@ -19,6 +17,8 @@ from wsconvert.errors import (
     UntrustedCheckpointError,
     UsageError,
 )
+from wsconvert.io.atomic import save_state_dict
+from wsconvert.io.wsfile import load_model
 
 
 def _x() -> torch.Tensor:

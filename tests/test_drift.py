@@ -1,24 +1,21 @@
-"""Drift figures against independent computations, BN calibration, probes, and the CLI."""
+"""Drift figures against independent computations, BN calibration, probes (the CLI side is in
+tests/cli/test_apply.py)."""
 
 from __future__ import annotations
 
-import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from test_cli import EXE, one_line_error, run
 from torch import Tensor, nn
 
-import wsconvert
 from wsconvert.calibration import calibrate_bn
 from wsconvert.defaults import DRIFT_THRESHOLD, PROBE_BATCH, PROBE_SPATIAL
 from wsconvert.drift import check_drift, measure_drift
+from wsconvert.errors import ConversionError, UsageError
 from wsconvert.io.inputs import infer_input_shape, parse_shapes, sample_tensors
 from wsconvert.probes import ProbeSource
-from wsconvert.errors import ConversionError, UsageError
 from wsconvert.surgery import apply_ws
 
 
@@ -175,66 +172,3 @@ def test_forward_failure_is_a_usage_error() -> None:
         check_drift(net, apply_ws(net).model, ProbeSource.for_model(net))
     ok = check_drift(net, apply_ws(net).model, ProbeSource.for_model(net, "2,3,8,8"))
     assert ok.before.samples == 4
-
-
-# ---------------------------------------------------------------------------- CLI
-
-
-def test_cli_apply_norm_gn_json(net_state: Path) -> None:
-    cwd = net_state.parent
-    proc = run("apply", net_state, "-m", "wsnets:build", "--norm", "gn", "--groups", "3",
-               "--input-shape", "2,3,10,10", "--json", cwd=cwd)
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads(proc.stdout)
-    norms = report["norm"]
-    assert norms["mode"] == "gn" and norms["swapped"] == 1 and norms["rule"] == "fx"
-    (bn,) = norms["norms"]
-    assert (bn["name"], bn["groups"], bn["follows"]) == ("bn", 2, "stem")
-    assert "not divisible by 3" in bn["reason"]
-    drift = report["drift"]
-    assert drift["before"]["samples"] == 4 and drift["after"] is None
-    assert drift["before"]["layers"][0]["name"] == "stem"
-    assert {r["name"]: r["converted_kind"] for r in drift["before"]["layers"]}["bn"] == "GroupNorm"
-    assert drift["large"] and "GroupNorm swap" in drift["suggestion"]
-    model = wsconvert.load(net_state.with_name("net.ws.pt"))
-    assert isinstance(model.bn, nn.GroupNorm) and model.bn.num_groups == 2
-
-
-def test_cli_calibrate_with_inputs_and_human_output(net_state: Path) -> None:
-    cwd = net_state.parent
-    np.savez(cwd / "probe.npz", x=np.random.default_rng(0).normal(size=(6, 3, 8, 8))
-             .astype(np.float32))
-    proc = run("apply", net_state, "-m", "wsnets:build", "--calibrate", "3", "--inputs",
-               "probe.npz", "--json", cwd=cwd)
-    assert proc.returncode == 0, proc.stderr
-    drift = json.loads(proc.stdout)["drift"]
-    assert drift["calibration"]["layers"] == ["bn"] and drift["calibration"]["samples"] == 18
-    assert drift["after"]["output_relative"] != drift["before"]["output_relative"]
-    proc = run("apply", net_state, "-m", "wsnets:build", "--norm", "gn", "-o", "h.pt", cwd=cwd)
-    assert proc.returncode == 0, proc.stderr
-    assert "BatchNorm -> GroupNorm" in proc.stdout and "drift" in proc.stdout
-    assert "1 BatchNorm(s) swapped to GroupNorm" in proc.stdout
-
-
-def test_cli_errors_and_skips(net_state: Path) -> None:
-    cwd = net_state.parent
-    one_line_error(run("apply", net_state, "-m", "wsnets:build", "--norm", "gn", "--calibrate",
-                       "2", cwd=cwd), 2, "--norm keep")
-    one_line_error(run("apply", net_state, "-m", "wsnets:build", "--norm", "bn", cwd=cwd), 2,
-                   "--norm")
-    one_line_error(run("apply", net_state, "-m", "wsnets:build", "--input-shape", "2,5,8,8",
-                       cwd=cwd), 2, "forward failed")
-    assert not net_state.with_name("net.ws.pt").exists()
-    # An inferred shape the model rejects only skips the report (mixed takes two inputs).
-    import wsnets  # type: ignore[import-not-found]
-
-    torch.save(wsnets.mixed().state_dict(), cwd / "mixed.pt")
-    proc = run("apply", "mixed.pt", "-m", "wsnets:mixed", "--json", cwd=cwd)
-    assert proc.returncode == 0, proc.stderr
-    assert "forward failed" in json.loads(proc.stdout)["drift"]["skipped"]
-    assert "drift report skipped" in proc.stderr
-    proc = run("apply", "mixed.pt", "-m", "wsnets:mixed", "-o", "m2.pt", "--json",
-               "--input-shape", "2,4,9;2,2,3,5,5", cwd=cwd)
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["drift"]["before"]["samples"] == 4
-    assert subprocess.run([EXE, "apply", "--help"], capture_output=True).returncode == 0

@@ -398,7 +398,6 @@ class FoldResult:
     fold: FoldReport
     onnx: ExportResult | None = None
     parity: ParityReport | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
     architecture: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -14,8 +14,7 @@ from wsconvert.io.safe import cwd_importable
 
 __all__ = ["BUNDLED_FACTORIES", "build_model", "parse_kwargs"]
 
-BUNDLED_FACTORIES = frozenset({"wsconvert.examples.tinynet:build",
-                               "wsconvert.examples.resnet:resnet50"})
+BUNDLED_FACTORIES = frozenset({"wsconvert.examples.tinynet:build"})
 """wsconvert's own model builders: a checkpoint that records one of these needs no consent to
 rebuild (every other recorded factory does, see :func:`wsconvert.io.wsfile.load_model`)."""
 
