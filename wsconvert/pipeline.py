@@ -94,8 +94,10 @@ def default_output(checkpoint: PathLike, suffix: str) -> Path:
 
 
 def _inputs(**paths: PathLike | None) -> list[Protected]:
-    """The run's input files, by parameter name, for the output checks."""
-    return [(name, path) for name, path in paths.items() if path is not None]
+    """The run's input files, by parameter name (not for the positional ones), for the output
+    checks."""
+    return [path if name in ("checkpoint", "onnx_file") else (name, path)
+            for name, path in paths.items() if path is not None]
 
 
 def _check_float32(model: nn.Module, where: PathLike) -> None:
