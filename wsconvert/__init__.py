@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 # The public API: the one list. The TYPE_CHECKING imports below say the same for type checkers;
 # tests/test_api.py checks that the two agree and that every name imports and is documented.
 _API: dict[str, tuple[str, ...]] = {
-    "wsconvert.pipeline": ("convert", "fold_and_export", "gate"),
+    "wsconvert.pipeline": ("convert", "fold_and_export", "gate", "inspect_checkpoint"),
     "wsconvert.surgery": ("apply_ws", "ApplyReport", "LayerRecord"),
     "wsconvert.ws": ("WeightStandardization", "accumulate"),
     "wsconvert.conventions": ("CONVENTIONS", "standardize_weight"),
@@ -63,6 +63,7 @@ if TYPE_CHECKING:
     from wsconvert.pipeline import convert as convert
     from wsconvert.pipeline import fold_and_export as fold_and_export
     from wsconvert.pipeline import gate as gate
+    from wsconvert.pipeline import inspect_checkpoint as inspect_checkpoint
     from wsconvert.probes import ProbeSource as ProbeSource
     from wsconvert.surgery import ApplyReport as ApplyReport
     from wsconvert.surgery import LayerRecord as LayerRecord

@@ -3,6 +3,7 @@
 * :func:`convert` (``apply``): load -> WS -> optional GroupNorm swap -> drift check -> save.
 * :func:`fold_and_export` (``fold``): load -> fold -> optional ONNX export -> parity gate -> save.
 * :func:`gate` (``check``): an ONNX file against its checkpoint.
+* :func:`inspect_checkpoint` (``inspect``): load -> per-layer WS status.
 
 Each first plans: every option is checked and every output path claimed in an
 :class:`~wsconvert.io.atomic.OutputSet` before any model is loaded. The stages then write to
@@ -24,11 +25,12 @@ from typing import Any
 
 from torch import nn
 
+from wsconvert._gate import gate_inputs, plan_gate, run_gate
+from wsconvert._gate import save_failing as save_failing_stage
 from wsconvert.calibration import check_calibrate
 from wsconvert.defaults import (
     CONVENTION,
     GATE_ATOL,
-    GATE_BATCH_SIZES,
     GATE_RTOL,
     GATE_SEEDS,
     GROUPS,
@@ -39,29 +41,20 @@ from wsconvert.drift import DriftCheck, check_drift
 from wsconvert.errors import ConversionError, UsageError
 from wsconvert.export import ExportConfig, ExportResult, export_onnx
 from wsconvert.fold import FoldReport, fold_ws
+from wsconvert.inspection import LayerInfo, inspect_model
 from wsconvert.io.arch import arch_of
 from wsconvert.io.atomic import OutputSet, Protected, save_bytes
-from wsconvert.io.inputs import (
-    InputSet,
-    check_input_size,
-    infer_input_shape,
-    load_inputs,
-    parse_shapes,
-)
+from wsconvert.io.inputs import check_input_size, infer_input_shape, parse_shapes
 from wsconvert.io.safe import check_file
 from wsconvert.io.state import load_weights_into
 from wsconvert.io.wsfile import LoadedModel, check_finite, load_model, ws_payload
 from wsconvert.norms import NormSwapReport, check_groups, swap_norm
 from wsconvert.parity import (
     ParityReport,
-    check_parity,
-    make_inputs,
     onnx_inputs,
-    save_failing_inputs,
 )
 from wsconvert.probes import ProbeSource, check_probe_options
 from wsconvert.surgery import ApplyReport, apply_ws
-from wsconvert.validate import check_gate_options, parse_batch_sizes
 
 __all__ = [
     "ConvertResult",
@@ -72,6 +65,7 @@ __all__ = [
     "default_output",
     "fold_and_export",
     "gate",
+    "inspect_checkpoint",
 ]
 
 PathLike = str | os.PathLike[str]
@@ -113,6 +107,47 @@ def _check_float32(model: nn.Module, where: PathLike) -> None:
         raise UsageError(f"{where}: the model's parameters are {', '.join(dtypes)}; export and "
                          "the parity check run in float32: build the model in float32 (call "
                          ".float() on it in the factory)")
+
+
+# ---------------------------------------------------------------------------- inspect
+
+
+@dataclass
+class InspectResult:
+    """What :func:`inspect_checkpoint` found; ``to_dict()`` is ``inspect --json``."""
+
+    input: Path
+    loaded: LoadedModel
+    layers: list[LayerInfo]
+
+    @property
+    def ws_layers(self) -> int:
+        """Layers standardized by wsconvert, another library, or a known parametrization."""
+        return sum(1 for r in self.layers if r.ws in ("wsconvert", "foreign", "parametrization"))
+
+    @property
+    def unknown_parametrizations(self) -> int:
+        return sum(1 for r in self.layers if r.ws == "unknown")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"input": str(self.input), "source": self.loaded.source,
+                "layers": [info.to_dict() for info in self.layers],
+                "ws_layers": self.ws_layers,
+                "unknown_parametrizations": self.unknown_parametrizations}
+
+
+def inspect_checkpoint(checkpoint: PathLike, *, model: str | None = None,
+                       model_kwargs: Any = None, trust: bool = False,
+                       allow_classes: Sequence[str] = (),
+                       allow_nonfinite: bool = False) -> InspectResult:
+    """Load a checkpoint and report every conv / linear layer (``wsconvert inspect``).
+
+    Raises:
+        WsconvertError: the checkpoint cannot be loaded.
+    """
+    loaded = load_model(checkpoint, model, model_kwargs, trust=trust,
+                        allow_classes=allow_classes, allow_nonfinite=allow_nonfinite)
+    return InspectResult(Path(checkpoint), loaded, inspect_model(loaded.model))
 
 
 # ---------------------------------------------------------------------------- convert
@@ -232,79 +267,6 @@ def convert(checkpoint: PathLike, output: PathLike | None = None, *, model: str 
 
 
 @dataclass
-class _GatePlan:
-    seeds: int
-    batch_sizes: list[int] | None
-    inputs: Path | None
-    atol: float
-    rtol: float
-    report: Path | None
-    junit: Path | None
-    save_failing: Path | None
-
-
-def _plan_gate(outputs: OutputSet, seeds: int, batch_sizes: str | Sequence[int] | None,
-               inputs: PathLike | None, atol: float, rtol: float, report: PathLike | None,
-               junit: PathLike | None, save_failing: PathLike | None) -> _GatePlan:
-    """Check the gate's options and claim its report files, before any work."""
-    check_gate_options(seeds, atol, rtol)
-    files = {}
-    for name, path in (("report", report), ("junit", junit)):
-        if path is not None and not Path(path).parent.is_dir():
-            raise UsageError(f"`{name}` {path}: directory {Path(path).parent} does not exist")
-        files[name] = None if path is None else outputs.add(path, replace=True, name=name)
-    failing = None if save_failing is None else Path(save_failing)
-    if failing is not None and failing.exists() and not failing.is_dir():
-        raise UsageError(f"`save_failing` {failing}: exists and is not a directory")
-    return _GatePlan(seeds, parse_batch_sizes(batch_sizes),
-                     None if inputs is None else Path(inputs), atol, rtol, files["report"],
-                     files["junit"], failing)
-
-
-def _gate_inputs(plan: _GatePlan, outputs: OutputSet, shapes: Sequence[tuple[int, ...]],
-                 dynamic: bool, allow_large: bool) -> list[InputSet]:
-    """The input sets (random ones checked against the size limit before they are made), and
-    the files ``save_failing`` would write claimed against every input and output."""
-    if plan.inputs is not None:
-        sets = load_inputs(plan.inputs)
-    else:
-        sizes = plan.batch_sizes
-        if sizes and not dynamic:
-            raise UsageError("`batch_sizes` needs a dynamic batch (export with "
-                             "`dynamic_batch=True`)")
-        if dynamic and not sizes:
-            sizes = list(GATE_BATCH_SIZES)
-        full = [(b if b else s[0], *s[1:]) for b in (sizes or [0]) for s in shapes]
-        check_input_size(full, copies=plan.seeds, allow_large=allow_large,
-                         what="`input_shape` x `batch_sizes` x `seeds`")
-        sets = make_inputs(shapes, plan.seeds, sizes)
-    if plan.save_failing is not None:
-        for s in sets:
-            outputs.reserve(plan.save_failing / f"{s.name}.pt", name="save_failing")
-        outputs.reserve(plan.save_failing / "report.json", name="save_failing")
-    return sets
-
-
-def _run_gate(plan: _GatePlan, outputs: OutputSet, onnx_path: Path, run_path: Path,
-              reference: nn.Module, folded: nn.Module | None,
-              sets: list[InputSet]) -> ParityReport:
-    """Check parity on ``run_path`` (the ONNX file as written so far), stage the reports."""
-    report = check_parity(run_path, reference, sets, folded=folded, atol=plan.atol,
-                          rtol=plan.rtol)
-    report.meta["onnx"] = str(onnx_path)
-    if plan.report is not None:
-        outputs.stage(plan.report).write_text(report.to_json())
-    if plan.junit is not None:
-        outputs.stage(plan.junit).write_text(report.to_junit())
-    return report
-
-
-def _save_failing(plan: _GatePlan, report: ParityReport, sets: list[InputSet]) -> None:
-    if plan.save_failing and save_failing_inputs(report, sets, plan.save_failing):
-        report.meta["failing_inputs_saved_to"] = str(plan.save_failing)
-
-
-@dataclass
 class GateResult:
     """What :func:`gate` found; ``to_dict()`` is ``check --json``."""
 
@@ -341,7 +303,7 @@ def gate(onnx_file: PathLike, against: PathLike, *, model: str | None = None,
     onnx_path = Path(onnx_file)
     with OutputSet(force=force, protect=_inputs(onnx_file=onnx_file, against=against,
                                                 inputs=inputs)) as outputs:
-        plan = _plan_gate(outputs, seeds, batch_sizes, inputs, atol, rtol, report, junit,
+        plan = plan_gate(outputs, seeds, batch_sizes, inputs, atol, rtol, report, junit,
                           save_failing)
         check_file(onnx_path)
         graph_inputs = onnx_inputs(onnx_path)
@@ -360,7 +322,7 @@ def gate(onnx_file: PathLike, against: PathLike, *, model: str | None = None,
         if len(shapes) != len(graph_inputs) and inputs is None:
             raise UsageError(f"{onnx_path} takes {len(graph_inputs)} input(s), got {len(shapes)} "
                              "`input_shape`")
-        sets = _gate_inputs(plan, outputs, shapes, dynamic, allow_large_inputs)
+        sets = gate_inputs(plan, outputs, shapes, dynamic, allow_large_inputs)
         with progress("load"):
             loaded = load_model(against, model, model_kwargs, trust=trust,
                                 allow_classes=allow_classes, allow_nonfinite=allow_nonfinite)
@@ -373,9 +335,9 @@ def gate(onnx_file: PathLike, against: PathLike, *, model: str | None = None,
             except ConversionError:  # an unknown parametrization: compare the file directly
                 folded = None
         with progress("gate"):
-            parity = _run_gate(plan, outputs, onnx_path, onnx_path, reference, folded, sets)
+            parity = run_gate(plan, outputs, onnx_path, onnx_path, reference, folded, sets)
         outputs.commit()
-    _save_failing(plan, parity, sets)
+    save_failing_stage(plan, parity, sets)
     return GateResult(onnx_path, Path(against), parity)
 
 
@@ -466,7 +428,7 @@ def fold_and_export(checkpoint: PathLike, output: PathLike | None = None, *,
         if unused and (onnx_path is None or not check):
             raise UsageError(f"{', '.join(unused)} need the parity check (`onnx` without "
                              "`check=False`)")
-        plan = (_plan_gate(outputs, seeds, batch_sizes, inputs, atol, rtol, report, junit,
+        plan = (plan_gate(outputs, seeds, batch_sizes, inputs, atol, rtol, report, junit,
                            save_failing) if onnx_path is not None and check else None)
         shapes = parse_shapes(input_shape or [])
         check_input_size(shapes, allow_large=allow_large_inputs)
@@ -495,14 +457,14 @@ def fold_and_export(checkpoint: PathLike, output: PathLike | None = None, *,
             config = ExportConfig(tuple(shapes) or (infer_input_shape(folded.model),),
                                   dynamic_batch=dynamic_batch, opset=opset)
             if plan is not None:
-                sets = _gate_inputs(plan, outputs, list(config.input_shapes), dynamic_batch,
+                sets = gate_inputs(plan, outputs, list(config.input_shapes), dynamic_batch,
                                     allow_large_inputs)
             with progress("export"):
                 staged = outputs.stage(onnx_path)
                 exported = export_onnx(copy.deepcopy(folded.model), staged, config, force=force)
             if plan is not None and sets is not None:
                 with progress("gate"):
-                    result.parity = _run_gate(plan, outputs, onnx_path, staged, ws_model,
+                    result.parity = run_gate(plan, outputs, onnx_path, staged, ws_model,
                                               folded.model, sets)
             exported.path = onnx_path
             exported.files = [outputs.final(f) for f in exported.files]
@@ -516,7 +478,7 @@ def fold_and_export(checkpoint: PathLike, output: PathLike | None = None, *,
             save_bytes(payload, outputs.stage(target))
             outputs.commit()
     if plan is not None and result.parity is not None and sets is not None:
-        _save_failing(plan, result.parity, sets)
+        save_failing_stage(plan, result.parity, sets)
     return result
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -131,8 +132,6 @@ def _read(p: Path, name: str) -> Any:
             return read_checkpoint(p)
     except CheckpointError as exc:
         raise InputsError(f"`{name}` {exc}") from None
-    import numpy as np  # numpy comes with torch; only sample files need it
-
     try:
         loaded = np.load(p, allow_pickle=False)
         if isinstance(loaded, np.lib.npyio.NpzFile):
