@@ -14,10 +14,13 @@ domain (no labels), in two stages:
    first get their running statistics re-estimated on the same samples
    (:func:`wsconvert.drift.calibrate_bn`). Each fit runs both models only up to the layer (the
    forward stops there), so the stage costs about as many full forward passes as there are norms.
-2. **Distillation**: ``steps`` Adam steps on the converted model's trainable parameters (eval mode,
-   so kept BatchNorms use their running statistics) matching the original's outputs on the same
-   samples: a temperature-scaled KL divergence for classifier-like outputs (one ``[N, classes]``
-   tensor), a relative mean squared error otherwise.
+2. **Distillation**: ``steps`` Adam steps (learning rate on a cosine decay to zero) on the
+   converted model's trainable parameters, in eval mode (kept BatchNorms use their running
+   statistics), matching the original's outputs: a temperature-scaled KL divergence for
+   classifier-like outputs (one ``[N, classes]`` tensor), a relative mean squared error otherwise,
+   plus (``features``) the relative squared error of every refitted norm's output against the
+   original module's. With ``mixup`` the inputs are mixed pairs of samples
+   (``lam * x_i + (1 - lam) * x_j``), the targets the original's outputs on them.
 
 A seeded slice of the samples is held out: both stages fit on the rest, and the report measures,
 on the held-out slice, the relative output error ``||y - y_orig|| / ||y_orig||`` and (classifier
@@ -75,11 +78,11 @@ __all__ = [
 DEFAULT_STEPS = 200
 """Distillation steps (see docs/recovery.md for the measurement behind it)."""
 DEFAULT_BATCH_SIZE = 32
-DEFAULT_LR = 1e-3
+DEFAULT_LR = 3e-3
 DEFAULT_HOLDOUT = 0.2
 """Fraction of the samples held out for measuring (a count when >= 1)."""
 DEFAULT_TEMPERATURE = 2.0
-DEFAULT_FEATURES = 1.0
+DEFAULT_FEATURES = 5.0
 """Weight of the feature-matching term (the refitted norms' outputs) in the distillation loss."""
 MIN_HOLDOUT = 2
 MIN_FIT = 2
@@ -673,7 +676,7 @@ def recover(converted: nn.Module, original: nn.Module, data: Tensor | Sequence[T
             steps: int = DEFAULT_STEPS, batch_size: int = DEFAULT_BATCH_SIZE,
             lr: float = DEFAULT_LR, holdout: float = DEFAULT_HOLDOUT, seed: int = 0,
             temperature: float = DEFAULT_TEMPERATURE, loss: str = "auto",
-            features: float = DEFAULT_FEATURES, eval_every: int | None = None,
+            features: float = DEFAULT_FEATURES, mixup: bool = False, eval_every: int | None = None,
             calibrate: bool = True, name: str = "data",
             progress: Callable[[RecoveryProgress], None] | None = None,
             should_stop: Callable[[], bool] | None = None) -> RecoveryReport:
@@ -694,6 +697,9 @@ def recover(converted: nn.Module, original: nn.Module, data: Tensor | Sequence[T
             ``auto`` (``kl`` for classifier-like outputs, else ``mse``).
         features: weight of feature matching: the mean relative squared error of every refitted
             norm's output against the original module's, added to the output loss (0: off).
+        mixup: distill on mixed pairs of samples (``lam * x_i + (1 - lam) * x_j``, ``lam``
+            uniform) instead of the samples themselves; the targets are the original's outputs
+            on the mixed inputs.
         eval_every: steps between held-out checks (default ``max(steps // 10, 1)``).
         calibrate: re-estimate kept BatchNorms' running statistics first.
         name: what to call ``data`` in error messages (a file name, say).
@@ -730,7 +736,7 @@ def recover(converted: nn.Module, original: nn.Module, data: Tensor | Sequence[T
     try:
         return _recover(converted, original, samples, fit_idx, hold_idx, steps=steps,
                         batch_size=batch_size, lr=lr, seed=seed, temperature=temperature,
-                        loss=loss, features=features,
+                        loss=loss, features=features, mixup=mixup,
                         eval_every=eval_every or max(steps // 10, 1), calibrate=calibrate,
                         progress=progress, should_stop=should_stop)
     except BaseException:
@@ -743,7 +749,8 @@ def recover(converted: nn.Module, original: nn.Module, data: Tensor | Sequence[T
 
 def _recover(converted: nn.Module, original: nn.Module, samples: tuple[Tensor, ...],
              fit_idx: Tensor, hold_idx: Tensor, *, steps: int, batch_size: int, lr: float,
-             seed: int, temperature: float, loss: str, features: float, eval_every: int,
+             seed: int, temperature: float, loss: str, features: float, mixup: bool,
+             eval_every: int,
              calibrate: bool,
              progress: Callable[[RecoveryProgress], None] | None,
              should_stop: Callable[[], bool] | None) -> RecoveryReport:
@@ -785,11 +792,14 @@ def _recover(converted: nn.Module, original: nn.Module, samples: tuple[Tensor, .
 
     # Stage 2: distillation, keeping the best held-out state (the closed-form one included).
     t2 = time.perf_counter()
-    ref_fit = _outputs(original, samples, fit_idx)
+    ref_fit = [] if mixup else _outputs(original, samples, fit_idx)
     params = [p for p in converted.parameters() if p.requires_grad]
     if not params:
         raise ConversionError("the converted model has no trainable parameter to distill")
     opt = torch.optim.Adam(params, lr=lr)
+    # Cosine decay to zero over the steps: large moves first, a settled state at the end.
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, steps) / steps)))
     order = torch.Generator().manual_seed(seed + 1)
     best_state = _snapshot(converted)
     step_time = 0.0
@@ -800,19 +810,26 @@ def _recover(converted: nn.Module, original: nn.Module, samples: tuple[Tensor, .
         for step in range(1, steps + 1):
             ts = time.perf_counter()
             pick = next(batches)
-            chunk = _to_model(converted, tuple(t[fit_idx[pick]] for t in samples))
-            if taps is not None:
-                taps.clear()
+            chunk = tuple(t[fit_idx[pick]] for t in samples)
+            if mixup:
+                chunk = _mix(chunk, order)
+            chunk = _to_model(converted, chunk)
+            ref_now: list[Tensor] | None = None
+            if taps is not None or mixup:
+                if taps is not None:
+                    taps.clear()
                 with torch.no_grad():
-                    _forward(original, _to_model(original, chunk))
+                    ref_now = _flat(_forward(original, _to_model(original, chunk)))
             got = _flat(_forward(converted, chunk))
-            ref = [r[pick].to(got[0].device, got[0].dtype) for r in ref_fit]
+            ref = [r.to(got[0].device, got[0].dtype) for r in (
+                ref_now if ref_now is not None else [r[pick] for r in ref_fit])]
             value = loss_fn(got, ref)
             if taps is not None:
                 value = value + features * taps.loss()
             opt.zero_grad(set_to_none=True)
             value.backward()  # type: ignore[no-untyped-call]
             opt.step()
+            schedule.step()
             last = float(value.detach())
             step_time += time.perf_counter() - ts
             detail = ""
@@ -842,6 +859,20 @@ def _describe(s: StageResult) -> str:
     if s.agreement is not None:
         text += f", agreement {100 * s.agreement:.1f}%"
     return text
+
+
+def _mix(chunk: tuple[Tensor, ...], gen: torch.Generator) -> tuple[Tensor, ...]:
+    """Mixup of the batch with a shuffled copy of itself: ``lam * x + (1 - lam) * x[perm]``,
+    ``lam`` uniform per sample (new inputs between real ones; the targets are the original
+    model's outputs on them)."""
+    n = chunk[0].shape[0]
+    perm = torch.randperm(n, generator=gen)
+    lam = torch.rand(n, generator=gen)
+    out = []
+    for t in chunk:
+        w = lam.view(n, *([1] * (t.dim() - 1))).to(t.dtype)
+        out.append(w * t + (1 - w) * t[perm])
+    return tuple(out)
 
 
 def _batch_indices(n: int, size: int, gen: torch.Generator) -> Iterator[Tensor]:
