@@ -167,13 +167,14 @@ def starting_points(cfg: Config) -> tuple[dict[str, dict[str, Tensor]], dict[str
     """The pretrained BN model, and the recovered GN / WS + GN conversions of it."""
     from wsconvert.recovery import recover
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     info: dict[str, Any] = {}
     t0 = time.perf_counter()
     original = _base()
     x, y = make_task(4096, seed=0, size=SIZE)
     pretrain(original, x, y, epochs=4)
     info["pretrain_seconds"] = round(time.perf_counter() - t0, 1)
+    print(f"pretrained in {info['pretrain_seconds']} s", file=sys.stderr, flush=True)
     xt, yt = make_task(2048, seed=1, size=SIZE)
     info["pretrained_acc_source_task"] = accuracy(original, xt, yt)
     xs, ys = shifted_task(2048, 1)
@@ -189,6 +190,8 @@ def starting_points(cfg: Config) -> tuple[dict[str, dict[str, Tensor]], dict[str
         info[f"recovery_{arm}"] = {"seconds": round(time.perf_counter() - t1, 1),
                                    **report.to_dict()}
         starts[arm] = copy.deepcopy(converted.state_dict())
+        print(f"{arm}: {report.summary()} ({info[f'recovery_{arm}']['seconds']} s)",
+              file=sys.stderr, flush=True)
     return starts, info
 
 
