@@ -76,7 +76,7 @@ def test_bad_folders_name_the_file(tmp_path: Path, case: str) -> None:
     elif case == "mixed":
         _png(folder / "a.png", (3, 3), (0, 0, 0))
         _png(folder / "b.png", (4, 3), (0, 0, 0))
-        message = r"b\.png: 4x3 pixels, but a\.png is 3x3; pass image_size"
+        message = r"b\.png: 4x3 pixels, but a\.png is 3x3; pass `image_size`"
     elif case == "not-a-folder":
         folder = folder / "missing"
         message = "missing: not a folder"
@@ -87,11 +87,11 @@ def test_bad_folders_name_the_file(tmp_path: Path, case: str) -> None:
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({"image_size": 0}, "image_size must be"),
-    ({"image_size": (4, 4, 4)}, "image_size must be"),
-    ({"mean": (0.5, 0.5)}, "mean needs 3 values"),
-    ({"std": (0.5, 0.0, 0.5)}, "std must be finite and > 0"),
-    ({"limit": 0}, "limit must be >= 1"),
+    ({"image_size": 0}, "image_size` must be"),
+    ({"image_size": (4, 4, 4)}, "image_size` must be"),
+    ({"mean": (0.5, 0.5)}, "mean` needs 3 values"),
+    ({"std": (0.5, 0.0, 0.5)}, "std` must be finite and > 0"),
+    ({"limit": 0}, "limit` must be >= 1"),
 ])
 def test_bad_options(tmp_path: Path, kwargs: dict[str, object], message: str) -> None:
     _png(tmp_path / "a.png", (3, 3), (0, 0, 0))

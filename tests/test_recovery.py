@@ -241,12 +241,12 @@ def test_wrong_spatial_size_names_the_data() -> None:
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({"steps": -1}, "steps must be an integer >= 0"),
-    ({"batch_size": 0}, "batch_size must be an integer >= 1"),
-    ({"lr": 0.0}, "lr must be a finite number > 0"),
-    ({"holdout": 0.0}, "holdout must be"),
-    ({"loss": "l1"}, "loss must be one of"),
-    ({"features": -1.0}, "features must be"),
+    ({"steps": -1}, "steps` must be an integer >= 0"),
+    ({"batch_size": 0}, "batch_size` must be an integer >= 1"),
+    ({"lr": 0.0}, "lr` must be a finite number > 0"),
+    ({"holdout": 0.0}, "holdout` must be"),
+    ({"loss": "l1"}, "loss` must be one of"),
+    ({"features": -1.0}, "features` must be"),
 ])
 def test_bad_settings(kwargs: dict[str, object], message: str) -> None:
     original = _net()

@@ -12,7 +12,7 @@ domain (no labels), in two stages:
    output, computed on the *converted* model's own upstream activations (with every earlier norm
    already refitted), matches the original module's output on the same samples. Kept BatchNorms
    first get their running statistics re-estimated on the same samples
-   (:func:`wsconvert.drift.calibrate_bn`). Each fit runs both models only up to the layer (the
+   (:func:`wsconvert.calibration.calibrate_bn`). Each fit runs both models only up to the layer (the
    forward stops there), so the stage costs about as many full forward passes as there are norms.
 2. **Distillation**: ``steps`` Adam steps (learning rate on a cosine decay to zero) on the
    converted model's trainable parameters, in eval mode (kept BatchNorms use their running
@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from wsconvert.errors import ConversionError, UsageError, WsconvertError
+from wsconvert.probes import EvalModes, cast_like, reference_tensor, tensors_in
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
@@ -68,6 +69,7 @@ __all__ = [
     "RecoveryReport",
     "StageResult",
     "as_samples",
+    "check_options",
     "check_samples",
     "fit_norms",
     "load_samples",
@@ -247,22 +249,20 @@ def as_samples(data: Tensor | Sequence[Tensor], name: str = "data") -> tuple[Ten
 
 
 def load_samples(path: str | os.PathLike[str], *, image_size: int | Sequence[int] | None = None,
-                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None
-                 ) -> tuple[Tensor, ...]:
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                 name: str = "data") -> tuple[Tensor, ...]:
     """Recovery samples from disk: a folder of images, or a tensor file, never unpickled.
 
     A folder goes through :func:`wsconvert.io.images.load_image_folder` (``image_size``, ``mean``,
-    ``std``; ImageNet statistics by default). A file is ``.pt`` / ``.npy`` / ``.npz`` holding one
-    ``[N, C, ...]`` tensor, or several (a list / tuple, or a mapping whose ``inputs`` / ``input``
-    / ``x`` / ``images`` / ``data`` entry is used, else its values in order) for several
-    positional inputs; ``image_size`` / ``mean`` / ``std`` do not apply to it.
+    ``std``; ImageNet statistics by default). A file is ``.pt`` / ``.npy`` / ``.npz`` read by
+    :func:`wsconvert.io.inputs.sample_tensors` (``[N, C, ...]`` tensors, one per positional
+    input); ``image_size`` / ``mean`` / ``std`` do not apply to it.
 
     Raises:
-        UsageError: naming the file: missing, unreadable, no tensors, not ``[N, C, ...]``
-            floating-point finite samples, or image options given for a tensor file.
+        UsageError: naming the file (and ``name``, the parameter it came as): missing,
+            unreadable, no tensors, not ``[N, C, ...]`` floating-point finite samples, or image
+            options given for a tensor file.
     """
-    from wsconvert.errors import CheckpointError
-
     p = Path(path)
     if p.is_dir():
         from wsconvert.io.images import IMAGENET_MEAN, IMAGENET_STD, load_image_folder
@@ -272,21 +272,11 @@ def load_samples(path: str | os.PathLike[str], *, image_size: int | Sequence[int
                                    std=IMAGENET_STD if std is None else std)
         return as_samples(images, str(p))
     if image_size is not None or mean is not None or std is not None:
-        raise UsageError(f"{p}: image_size, mean and std apply to a folder of images, not to a "
-                         "tensor file")
-    from wsconvert.checkpoint import read_inputs_file
+        raise UsageError(f"{p}: `image_size`, `mean` and `std` apply to a folder of images, "
+                         "not to a tensor file")
+    from wsconvert.io.inputs import sample_tensors
 
-    try:
-        obj: Any = read_inputs_file(p)
-    except CheckpointError as exc:
-        raise UsageError(str(exc)) from None
-    if isinstance(obj, Mapping):
-        key = next((k for k in ("inputs", "input", "x", "images", "data") if k in obj), None)
-        obj = obj[key] if key is not None else list(obj.values())
-    items = list(obj) if isinstance(obj, list | tuple) else [obj]
-    if not items or not all(isinstance(t, Tensor) for t in items):
-        raise UsageError(f"{p}: holds no tensor of samples")
-    return as_samples(items, str(p))
+    return as_samples(sample_tensors(p, name=name), str(p))
 
 
 def _first_conv(model: nn.Module) -> nn.Module | None:
@@ -307,7 +297,7 @@ def check_samples(model: nn.Module, samples: tuple[Tensor, ...], name: str = "da
             raise UsageError(f"{name}: samples have {got} channel(s), the model's first conv "
                              f"takes {want}")
     probe = tuple(t[:2] for t in samples)
-    with _Eval(model), torch.no_grad():
+    with EvalModes(model), torch.no_grad():
         try:
             _forward(model, _to_model(model, probe))
         except WsconvertError:
@@ -319,9 +309,27 @@ def check_samples(model: nn.Module, samples: tuple[Tensor, ...], name: str = "da
                              f"{list(samples[0].shape[1:])} ({reason})") from None
 
 
+def check_options(*, steps: int = DEFAULT_STEPS, batch_size: int = DEFAULT_BATCH_SIZE,
+                  lr: float = DEFAULT_LR, holdout: float = DEFAULT_HOLDOUT,
+                  prefix: str = "") -> None:
+    """Refuse settings :func:`recover` cannot use; messages name `` `<prefix>steps` `` etc.
+
+    Raises:
+        UsageError: negative or non-integer ``steps``, ``batch_size`` below 1, ``lr`` not a
+            positive finite number, ``holdout`` not a fraction in (0, 1) or a whole count >= 1.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise UsageError(f"`{prefix}steps` must be an integer >= 0, got {steps!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UsageError(f"`{prefix}batch_size` must be an integer >= 1, got {batch_size!r}")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise UsageError(f"`{prefix}lr` must be a finite number > 0, got {lr!r}")
+    if not (holdout > 0 and math.isfinite(holdout)) or (holdout >= 1 and holdout != int(holdout)):
+        raise UsageError(f"`{prefix}holdout` must be a fraction in (0, 1) or a whole count >= 1, "
+                         f"got {holdout!r}")
+
+
 def _split(n: int, holdout: float, seed: int, name: str) -> tuple[Tensor, Tensor]:
-    if not (holdout > 0 and math.isfinite(holdout)):
-        raise UsageError(f"holdout must be a fraction in (0, 1) or a count >= 1, got {holdout}")
     n_hold = int(holdout) if holdout >= 1 else max(MIN_HOLDOUT, round(holdout * n))
     if n_hold < MIN_HOLDOUT or n - n_hold < MIN_FIT:
         raise UsageError(
@@ -336,46 +344,15 @@ def _split(n: int, holdout: float, seed: int, name: str) -> tuple[Tensor, Tensor
 
 
 def _flat(out: Any) -> list[Tensor]:
-    if isinstance(out, Tensor):
-        return [out] if out.is_floating_point() else []
-    if isinstance(out, Mapping):
-        return [t for v in out.values() for t in _flat(v)]
-    if isinstance(out, list | tuple):
-        return [t for v in out for t in _flat(v)]
-    return []
-
-
-def _reference(model: nn.Module) -> Tensor | None:
-    found = next(iter(model.parameters()), None)
-    return found if found is not None else next(iter(model.buffers()), None)
+    return [t for t in tensors_in(out) if t.is_floating_point()]
 
 
 def _to_model(model: nn.Module, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-    like = _reference(model)
-    if like is None:
-        return inputs
-    return tuple(t.to(like.device, like.dtype) for t in inputs)
+    return cast_like(inputs, reference_tensor(model))
 
 
 def _forward(model: nn.Module, inputs: tuple[Tensor, ...]) -> Any:
     return model(*inputs)
-
-
-class _Eval:
-    """Eval mode for the block; every module's mode restored after."""
-
-    def __init__(self, *models: nn.Module) -> None:
-        self.models = models
-        self.saved: list[tuple[nn.Module, bool]] = []
-
-    def __enter__(self) -> None:
-        self.saved = [(m, m.training) for model in self.models for m in model.modules()]
-        for model in self.models:
-            model.eval()
-
-    def __exit__(self, *exc: object) -> None:
-        for m, training in self.saved:
-            m.training = training
 
 
 def _chunks(samples: tuple[Tensor, ...], index: Tensor, size: int) -> Iterator[tuple[Tensor, ...]]:
@@ -386,7 +363,7 @@ def _chunks(samples: tuple[Tensor, ...], index: Tensor, size: int) -> Iterator[t
 def _outputs(model: nn.Module, samples: tuple[Tensor, ...], index: Tensor) -> list[Tensor]:
     """The model's float outputs on ``samples[index]`` (eval, no grad), concatenated, float64."""
     parts: list[list[Tensor]] = []
-    with _Eval(model), torch.no_grad():
+    with EvalModes(model), torch.no_grad():
         for chunk in _chunks(samples, index, _CHUNK):
             parts.append([t.detach().double().cpu()
                           for t in _flat(_forward(model, _to_model(model, chunk)))])
@@ -464,7 +441,7 @@ def _call_order(model: nn.Module, probe: tuple[Tensor, ...]) -> dict[str, int]:
         if name and isinstance(m, _NORMS):
             handles.append(m.register_forward_hook(hook(name)))
     try:
-        with _Eval(model), torch.no_grad():
+        with EvalModes(model), torch.no_grad():
             _forward(model, _to_model(model, probe))
     finally:
         for h in handles:
@@ -582,7 +559,7 @@ def fit_norms(converted: nn.Module, original: nn.Module, data: Tensor | Sequence
     targets, skipped = _norm_targets(converted, original, tuple(t[:1] for t in samples))
     fitted = []
     t0 = time.perf_counter()
-    with _Eval(converted, original), torch.no_grad():
+    with EvalModes(converted, original), torch.no_grad():
         for k, (name, norm, reference) in enumerate(targets):
             if should_stop is not None and should_stop():
                 raise RecoveryInterrupted("recovery stopped")
@@ -714,20 +691,15 @@ def recover(converted: nn.Module, original: nn.Module, data: Tensor | Sequence[T
         ConversionError: the models' outputs do not match in shape.
         RecoveryInterrupted: stopped; ``converted`` is as it was on entry.
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise UsageError(f"steps must be an integer >= 0, got {steps!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise UsageError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    if not (lr > 0 and math.isfinite(lr)):
-        raise UsageError(f"lr must be a finite number > 0, got {lr!r}")
+    check_options(steps=steps, batch_size=batch_size, lr=lr, holdout=holdout)
     if not (temperature > 0 and math.isfinite(temperature)):
-        raise UsageError(f"temperature must be a finite number > 0, got {temperature!r}")
+        raise UsageError(f"`temperature` must be a finite number > 0, got {temperature!r}")
     if loss not in LOSSES:
-        raise UsageError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+        raise UsageError(f"`loss` must be one of {', '.join(LOSSES)}, got {loss!r}")
     if not (features >= 0 and math.isfinite(features)):
-        raise UsageError(f"features must be a finite number >= 0, got {features!r}")
+        raise UsageError(f"`features` must be a finite number >= 0, got {features!r}")
     if eval_every is not None and eval_every < 1:
-        raise UsageError(f"eval_every must be >= 1, got {eval_every!r}")
+        raise UsageError(f"`eval_every` must be >= 1, got {eval_every!r}")
     samples = as_samples(data, name)
     check_samples(original, samples, name)
     fit_idx, hold_idx = _split(samples[0].shape[0], holdout, seed, name)
@@ -806,7 +778,7 @@ def _recover(converted: nn.Module, original: nn.Module, samples: tuple[Tensor, .
     batches = _batch_indices(len(fit_idx), batch_size, order)
     last = float("nan")
     taps = _Taps(converted, original, [r.name for r in report.fitted]) if features else None
-    with _Eval(converted, original), taps or contextlib.nullcontext():
+    with EvalModes(converted, original), taps or contextlib.nullcontext():
         for step in range(1, steps + 1):
             ts = time.perf_counter()
             pick = next(batches)
@@ -887,7 +859,7 @@ def _batch_indices(n: int, size: int, gen: torch.Generator) -> Iterator[Tensor]:
 
 def _calibrate(model: nn.Module, fit: tuple[Tensor, ...],
                progress: Callable[[RecoveryProgress], None] | None) -> list[str]:
-    from wsconvert.drift import calibrate_bn
+    from wsconvert.calibration import calibrate_bn
 
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
            and m.track_running_stats and m.running_mean is not None]

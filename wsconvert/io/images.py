@@ -65,7 +65,7 @@ def _size(image_size: int | Sequence[int] | None) -> tuple[int, int] | None:
     sizes = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     if len(sizes) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1
                                   for s in sizes):
-        raise UsageError(f"image_size must be a positive integer or (height, width), got "
+        raise UsageError(f"`image_size` must be a positive integer or (height, width), got "
                          f"{image_size!r}")
     return int(sizes[0]), int(sizes[1])
 
@@ -73,9 +73,9 @@ def _size(image_size: int | Sequence[int] | None) -> tuple[int, int] | None:
 def _stats(values: Sequence[float], name: str, positive: bool) -> Tensor:
     t = torch.tensor([float(v) for v in values], dtype=torch.float32)
     if t.numel() != 3:
-        raise UsageError(f"{name} needs 3 values (one per RGB channel), got {t.numel()}")
+        raise UsageError(f"`{name}` needs 3 values (one per RGB channel), got {t.numel()}")
     if not all(math.isfinite(float(v)) for v in t) or (positive and bool((t <= 0).any())):
-        raise UsageError(f"{name} must be finite{' and > 0' if positive else ''}, got "
+        raise UsageError(f"`{name}` must be finite{' and > 0' if positive else ''}, got "
                          f"{[float(v) for v in t]}")
     return t.view(3, 1, 1)
 
@@ -102,7 +102,7 @@ def load_image_folder(folder: str | os.PathLike[str], *,
     size = _size(image_size)
     m, s = _stats(mean, "mean", False), _stats(std, "std", True)
     if limit is not None and limit < 1:
-        raise UsageError(f"limit must be >= 1, got {limit}")
+        raise UsageError(f"`limit` must be >= 1, got {limit}")
     files = image_files(folder)[:limit]
     images: list[Tensor] = []
     first: tuple[Path, tuple[int, int]] | None = None
@@ -121,7 +121,7 @@ def load_image_folder(folder: str | os.PathLike[str], *,
             first = (path, rgb.size)
         elif rgb.size != first[1]:
             raise UsageError(f"{path}: {rgb.size[0]}x{rgb.size[1]} pixels, but {first[0].name} is "
-                             f"{first[1][0]}x{first[1][1]}; pass image_size to resize")
+                             f"{first[1][0]}x{first[1][1]}; pass `image_size` to resize")
         data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
         pixels = data.view(rgb.size[1], rgb.size[0], 3).permute(2, 0, 1).float().div_(255)
         images.append(pixels.sub_(m).div_(s))
