@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -278,3 +279,126 @@ def test_load_samples_refuses_bad_files(tmp_path: Path) -> None:
         load_samples(missing)
     with pytest.raises(UsageError, match="apply to a folder of images"):
         load_samples(bad, image_size=8)
+
+
+# ---------------------------------------------------------------------------- the command line
+
+
+@pytest.fixture
+def calib(nets_dir: Path) -> Path:
+    path = nets_dir / "calib.pt"
+    torch.save(_data(24, 11), path)
+    return path
+
+
+def test_cli_and_api_give_the_same_model(cli: Any, net_state: Path, calib: Path) -> None:
+    import json
+
+    import wsnets  # type: ignore[import-not-found]
+
+    import wsconvert
+
+    proc = cli.run("apply", net_state, "-m", "wsnets:build", "--norm", "gn", "--groups", "4",
+                   "--calib-data", calib, "--recover-steps", "3", "--recover-seed", "5",
+                   "--input-shape", "2,3,8,8", "--json", cwd=net_state.parent)
+    assert proc.returncode == 0, proc.stderr
+    payload = json.loads(proc.stdout)["recovery"]
+    assert [s["stage"] for s in payload["stages"]] == ["converted", "closed-form", "distill"]
+    assert (payload["samples_fit"], payload["samples_holdout"], payload["steps_run"]) == (19, 5, 3)
+    from_cli = wsconvert.load(net_state.with_name("net.ws.pt"))
+
+    original = wsnets.build()
+    original.load_state_dict(torch.load(net_state))
+    converted = _convert(original)
+    report = wsconvert.recover(converted, original, torch.load(calib), steps=3, seed=5)
+    assert report.to_dict()["stages"][1]["loss"] == pytest.approx(
+        payload["stages"][1]["loss"], rel=1e-6)
+    state = converted.state_dict()
+    for key, value in from_cli.state_dict().items():
+        torch.testing.assert_close(value, state[key], rtol=1e-5, atol=1e-6)
+
+
+def test_cli_reads_an_image_folder(cli: Any, net_state: Path) -> None:
+    import json
+
+    from PIL import Image
+
+    folder = net_state.parent / "images"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for k in range(6):
+        pixels = torch.randint(0, 256, (10 + k, 12, 3), generator=g, dtype=torch.uint8)
+        Image.fromarray(pixels.numpy()).save(folder / f"{k}.png")
+    code, out, err = cli.invoke("apply", net_state, "-m", "wsnets:build", "--calib-data", folder,
+                                "--image-size", "8", "--mean", "0.5,0.5,0.5", "--std",
+                                "0.25,0.25,0.25", "--recover-steps", "0", "--json")
+    assert code == 0, err
+    rec = json.loads(out)["recovery"]
+    assert rec["samples_fit"] + rec["samples_holdout"] == 6
+    assert rec["calibrated"] == ["bn"] and [r["name"] for r in rec["fitted"]] == ["bn"]
+
+
+def test_cli_bad_recovery_input(cli: Any, net_state: Path, calib: Path) -> None:
+    from PIL import Image
+
+    cwd = net_state.parent
+    base = ["apply", net_state, "-m", "wsnets:build", "-o", cwd / "out.ws.pt"]
+    empty = cwd / "empty"
+    empty.mkdir()
+    mixed = cwd / "mixed"
+    mixed.mkdir()
+    Image.new("RGB", (4, 4)).save(mixed / "a.png")
+    Image.new("RGB", (5, 4)).save(mixed / "b.png")
+    texts = cwd / "texts"
+    texts.mkdir()
+    Image.new("RGB", (4, 4)).save(texts / "a.png")
+    (texts / "notes.txt").write_text("x")
+    nan = cwd / "nan.npy"
+    np.save(nan, np.full((8, 3, 4, 4), np.nan, dtype=np.float32))
+    grey = cwd / "grey.npy"
+    np.save(grey, np.ones((8, 1, 4, 4), dtype=np.float32))
+    few = cwd / "few.npy"
+    np.save(few, np.ones((3, 3, 4, 4), dtype=np.float32))
+    cases: list[tuple[list[Any], tuple[str, ...]]] = [
+        (["--calib-data", calib, "--recover-steps", "-1"],
+         ("--recover-steps must be an integer >= 0",)),
+        (["--calib-data", empty], ("empty: holds no image file",)),
+        (["--calib-data", texts], ("notes.txt: not an image file",)),
+        (["--calib-data", mixed], ("b.png: 5x4 pixels", "pass --image-size")),
+        (["--calib-data", nan], ("nan.npy: holds NaN",)),
+        (["--calib-data", grey], ("--calib-data", "grey.npy", "1 channel(s)")),
+        (["--calib-data", few], ("few.npy", "3 sample(s) is too few")),
+        (["--calib-data", calib, "--image-size", "8"], ("apply to a folder of images",)),
+        (["--calib-data", cwd / "missing.pt"], ("missing.pt",)),
+        (["--recover-steps", "5"], ("--recover-steps need --calib-data",)),
+        (["--image-size", "8"], ("--image-size need --calib-data",)),
+        (["--calib-data", calib, "--calibrate", "2"], ("--calib-data", "drop --calibrate")),
+        (["--calib-data", calib, "--recover-lr", "0"], ("--recover-lr must be",)),
+        (["--calib-data", calib, "--recover-holdout", "1.5"], ("--recover-holdout must be",)),
+        (["--calib-data", texts, "--mean", "a,b,c"], ("--mean wants comma-separated",)),
+    ]
+    for extra, needles in cases:
+        cli.assert_bad([*base, *extra], *needles, cwd=cwd)
+
+
+def test_cli_ctrl_c_during_distillation_writes_nothing(
+        cli: Any, net_state: Path, calib: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import signal
+
+    from wsconvert.cli import apply as apply_cli
+
+    update = apply_cli._RecoveryView.update
+
+    def update_then_interrupt(self: Any, event: RecoveryProgress) -> None:
+        update(self, event)
+        if event.stage == "distill" and event.done == 2:
+            signal.raise_signal(signal.SIGINT)  # a real Ctrl-C, to the command's own handler
+
+    monkeypatch.setattr(apply_cli._RecoveryView, "update", update_then_interrupt)
+    cwd = net_state.parent
+    before = {p.name for p in cwd.iterdir()}
+    proc = cli.run("apply", net_state, "-m", "wsnets:build", "--calib-data", calib,
+                   "--recover-steps", "50", in_process=True)
+    cli.one_line_error(proc, 130, "recovery stopped")
+    assert {p.name for p in cwd.iterdir()} == before
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

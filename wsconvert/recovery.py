@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from wsconvert.defaults import RECOVER_BATCH_SIZE, RECOVER_HOLDOUT, RECOVER_LR, RECOVER_STEPS
 from wsconvert.errors import ConversionError, UsageError, WsconvertError
 from wsconvert.probes import EvalModes, cast_like, reference_tensor, tensors_in
 
@@ -74,14 +75,15 @@ __all__ = [
     "fit_norms",
     "load_samples",
     "measure",
+    "measure_inits",
     "recover",
 ]
 
-DEFAULT_STEPS = 200
+DEFAULT_STEPS = RECOVER_STEPS
 """Distillation steps (see docs/recovery.md for the measurement behind it)."""
-DEFAULT_BATCH_SIZE = 32
-DEFAULT_LR = 3e-3
-DEFAULT_HOLDOUT = 0.2
+DEFAULT_BATCH_SIZE = RECOVER_BATCH_SIZE
+DEFAULT_LR = RECOVER_LR
+DEFAULT_HOLDOUT = RECOVER_HOLDOUT
 """Fraction of the samples held out for measuring (a count when >= 1)."""
 DEFAULT_TEMPERATURE = 2.0
 DEFAULT_FEATURES = 5.0
@@ -89,6 +91,9 @@ DEFAULT_FEATURES = 5.0
 MIN_HOLDOUT = 2
 MIN_FIT = 2
 _CHUNK = 64  # samples per forward pass when measuring and in the closed form
+
+
+_STOPPED = "recovery stopped on request; the model is as it was before recovery"
 
 
 class RecoveryInterrupted(WsconvertError):
@@ -562,7 +567,7 @@ def fit_norms(converted: nn.Module, original: nn.Module, data: Tensor | Sequence
     with EvalModes(converted, original), torch.no_grad():
         for k, (name, norm, reference) in enumerate(targets):
             if should_stop is not None and should_stop():
-                raise RecoveryInterrupted("recovery stopped")
+                raise RecoveryInterrupted(_STOPPED)
             fitted.append(_fit_one(name, norm, reference, converted, original, samples, index))
             if progress is not None:
                 progress(RecoveryProgress("closed-form", k + 1, len(targets),
@@ -754,7 +759,7 @@ def _recover(converted: nn.Module, original: nn.Module, samples: tuple[Tensor, .
     if calibrate:
         report.calibrated = _calibrate(converted, fit, progress)
     if stop():
-        raise RecoveryInterrupted("recovery stopped")
+        raise RecoveryInterrupted(_STOPPED)
     report.fitted, report.skipped = fit_norms(converted, original, fit, progress=progress,
                                               should_stop=stop)
     best = held_out("closed-form", time.perf_counter() - t1)
@@ -818,7 +823,7 @@ def _recover(converted: nn.Module, original: nn.Module, samples: tuple[Tensor, .
             if not math.isfinite(last):
                 break
             if stop():
-                raise RecoveryInterrupted("recovery stopped")
+                raise RecoveryInterrupted(_STOPPED)
     _restore(converted, best_state)
     report.seconds_per_step = step_time / max(report.steps_run, 1)
     report.stages.append(StageResult("distill", best.relative_error, best.agreement, best.loss,
@@ -873,3 +878,37 @@ def _calibrate(model: nn.Module, fit: tuple[Tensor, ...],
         progress(RecoveryProgress("calibrate", 1, 1, time.perf_counter() - t0))
     return list(result.layers)
 
+
+
+# ---------------------------------------------------------------------------- measured advice
+
+
+def measure_inits(original: nn.Module, convert: Callable[[str], nn.Module],
+                  batches: Sequence[tuple[Tensor, ...]], inits: Sequence[str]
+                  ) -> dict[str, float]:
+    """The overall relative output drift each ``init`` would give, measured on ``batches``.
+
+    For advice that is measured, not guessed: ``convert(init)`` builds the conversion the user
+    asked for with another ``init`` (a fresh copy each time), and both models run in eval mode on
+    the same probe batches. A conversion that fails or whose forward fails is left out.
+
+    Returns:
+        ``{init: ||y_conv - y_orig|| / ||y_orig||}`` over all the batches.
+    """
+    out: dict[str, float] = {}
+    with EvalModes(original), torch.no_grad():
+        refs = [_flat(_forward(original, _to_model(original, b))) for b in batches]
+    for init in inits:
+        try:
+            candidate = convert(init)
+            with EvalModes(candidate), torch.no_grad():
+                diff = norm = 0.0
+                for b, ref in zip(batches, refs, strict=True):
+                    got = _flat(_forward(candidate, _to_model(candidate, b)))
+                    for a, r in zip(got, ref, strict=True):
+                        diff += float((a.double() - r.double()).square().sum())
+                        norm += float(r.double().square().sum())
+        except Exception:  # noqa: BLE001 - an alternative that cannot run is simply not advised
+            continue
+        out[init] = math.sqrt(diff / norm) if norm > 0 else (0.0 if diff == 0 else math.inf)
+    return out
