@@ -402,3 +402,49 @@ def test_cli_ctrl_c_during_distillation_writes_nothing(
     cli.one_line_error(proc, 130, "recovery stopped")
     assert {p.name for p in cwd.iterdir()} == before
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+# ---------------------------------------------------------------------------- measured advice
+
+
+def _advice(norm: str, init: str) -> Any:
+    from wsconvert.drift import check_drift
+    from wsconvert.probes import ProbeSource
+
+    original = _net()
+    converted = _convert(original, init=init, norm=norm)
+    return check_drift(original, converted, ProbeSource(shapes=((4, 3, 8, 8),)), init=init,
+                       norm=norm, alternatives=lambda i: _convert(original, init=i, norm=norm))
+
+
+def test_advice_suggests_only_an_init_measured_lower() -> None:
+    from wsconvert.recovery import measure_inits
+
+    check = _advice("keep", "plain")  # exact keeps every conv: measured ~0 drift
+    assert set(check.alternatives) == {"scale", "exact"}
+    assert check.alternatives["exact"] < 1e-4 < check.before.output_relative
+    assert "--init exact: measured" in check.suggestion
+    gn = _advice("gn", "exact")
+    assert gn.large
+    for alt, drift in gn.alternatives.items():
+        helps = drift < gn.before.output_relative
+        assert (f"--init {alt}: measured" in gn.suggestion) is helps
+        assert (f"--init {alt} was measured on these probes and does not help"
+                in gn.suggestion) is not helps
+    assert "--calib-data PATH" in gn.suggestion and "not measured here" in gn.suggestion
+    original = _net()
+    batches = [(torch.randn(4, 3, 8, 8),)]
+    measured = measure_inits(original, lambda i: _convert(original, init=i, norm="keep"),
+                             batches, ["plain", "exact"])
+    assert measured["exact"] < 1e-4 < measured["plain"]
+
+
+def test_advice_without_measurement_says_so() -> None:
+    from wsconvert.drift import check_drift
+    from wsconvert.probes import ProbeSource
+
+    original = _net()
+    check = check_drift(original, _convert(original, norm="keep"),
+                        ProbeSource(shapes=((4, 3, 8, 8),)))
+    assert check.alternatives == {}
+    assert "--init exact (not measured on these probes)" in check.suggestion
