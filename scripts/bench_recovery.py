@@ -8,8 +8,9 @@ Three cases (docs/recovery.md has the results and the machine they ran on):
 * ``residual``: a ResNet-style BatchNorm network with projection shortcuts (24-96 channels,
   scripts/recovery_models.py), pretrained here on a ten-class synthetic task (or loaded from
   ``--cache``), same settings.
-* ``resnet50``: the ResNet-50 of scripts (seeded random weights, BatchNorm statistics estimated on
-  the random inputs), 224x224 inputs: runs, with progress, the time per step and the agreement.
+* ``resnet50``: the ResNet-50 of scripts/resnet.py (seeded random weights, BatchNorm statistics
+  estimated on the random inputs), 224x224 inputs: runs, with progress, the time per step and the
+  agreement.
 
 Run: ``python scripts/bench_recovery.py [--only tiny residual resnet50] [--json out.json]``.
 Progress goes to stderr, the table to stdout.
@@ -91,9 +92,9 @@ def _kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def tiny(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from wsconvert.checkpoint import load_model
     from wsconvert.examples import EXAMPLE_CHECKPOINT, EXAMPLE_FACTORY
     from wsconvert.examples.shapes import make_dataset
+    from wsconvert.io.wsfile import load_model
 
     original = load_model(EXAMPLE_CHECKPOINT, EXAMPLE_FACTORY).model.eval()
     calib, _ = make_dataset(args.samples, seed=3, noise=0.6)
@@ -120,8 +121,9 @@ def residual(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def resnet50(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from wsconvert.drift import calibrate_bn
-    from wsconvert.examples.resnet import resnet50 as build
+    from resnet import resnet50 as build  # scripts/resnet.py
+
+    from wsconvert.calibration import calibrate_bn
 
     original = build(seed=0)
     g = torch.Generator().manual_seed(0)

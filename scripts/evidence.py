@@ -17,7 +17,8 @@ task (new contrast, brightness and noise, so the pretrained BatchNorm statistics
   batch 2.
 
 Every arm takes the same number of optimizer steps (SGD, momentum 0.9, weight decay 1e-4, cosine
-decay); its learning rate is picked from a grid on a separate seed. Each seed changes the
+decay); its learning rate is picked on a separate seed from a grid around the linear-scaling
+rule (batch 32: 0.01 / 0.03 / 0.1; batch 2: 0.0003 / 0.001 / 0.003). Each seed changes the
 fine-tuning samples, their order and the test set. Reported: test accuracy mean +- sample std over
 the seeds, and per arm the paired difference (same seed) against ``ws-gn-b2`` with its std.
 
@@ -60,7 +61,8 @@ class Config:
     test_samples: int = 2048
     recover_samples: int = 512
     groups: int = 8
-    lr_grid: tuple[float, ...] = (0.003, 0.01, 0.03)
+    lr_grid_b32: tuple[float, ...] = (0.01, 0.03, 0.1)
+    lr_grid_b2: tuple[float, ...] = (0.0003, 0.001, 0.003)
     sweep_seed: int = 100
     workers: int = 2
     arms: tuple[str, ...] = ARMS
@@ -200,13 +202,14 @@ def main() -> int:
     d = Config()
     parser.add_argument("--seeds", type=int, nargs="+", default=list(d.seeds))
     parser.add_argument("--steps", type=int, default=d.steps)
-    parser.add_argument("--lr-grid", type=float, nargs="+", default=list(d.lr_grid))
+    parser.add_argument("--lr-grid-b32", type=float, nargs="+", default=list(d.lr_grid_b32))
+    parser.add_argument("--lr-grid-b2", type=float, nargs="+", default=list(d.lr_grid_b2))
     parser.add_argument("--workers", type=int, default=d.workers)
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
     parser.add_argument("--json", metavar="FILE")
     a = parser.parse_args()
-    cfg = Config(tuple(a.seeds), a.steps, lr_grid=tuple(a.lr_grid), workers=a.workers,
-                 arms=tuple(a.arms))
+    cfg = Config(tuple(a.seeds), a.steps, lr_grid_b32=tuple(a.lr_grid_b32),
+                 lr_grid_b2=tuple(a.lr_grid_b2), workers=a.workers, arms=tuple(a.arms))
     t0 = time.perf_counter()
     starts, info = starting_points(cfg)
     print(f"pretrained: {info}", file=sys.stderr, flush=True)
@@ -214,8 +217,11 @@ def main() -> int:
     def start(arm: str) -> dict[str, Tensor]:
         return starts[arm] if arm in starts else starts["bn"]
 
+    def grid(arm: str) -> tuple[float, ...]:
+        return cfg.lr_grid_b32 if arm.endswith("b32") else cfg.lr_grid_b2
+
     sweep = _run_all([(arm, cfg.sweep_seed, lr, start(arm), cfg) for arm in cfg.arms
-                      for lr in cfg.lr_grid], cfg.workers)
+                      for lr in grid(arm)], cfg.workers)
     chosen = {}
     for arm in cfg.arms:
         best = max((r for r in sweep if r.arm == arm), key=lambda r: (r.acc_end, -r.lr))
