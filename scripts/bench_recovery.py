@@ -103,6 +103,7 @@ def tiny(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def residual(args: argparse.Namespace) -> list[dict[str, Any]]:
+    torch.manual_seed(0)
     original = ResidualNet()
     cache = Path(args.cache) if args.cache else None
     if cache is not None and cache.exists():

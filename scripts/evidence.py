@@ -172,6 +172,7 @@ def starting_points(cfg: Config) -> tuple[dict[str, dict[str, Tensor]], dict[str
     torch.set_num_threads(1)
     info: dict[str, Any] = {}
     t0 = time.perf_counter()
+    torch.manual_seed(0)
     original = _base()
     x, y = make_task(4096, seed=0, size=SIZE)
     pretrain(original, x, y, epochs=4)
