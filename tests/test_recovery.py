@@ -448,3 +448,26 @@ def test_advice_without_measurement_says_so() -> None:
                         ProbeSource(shapes=((4, 3, 8, 8),)))
     assert check.alternatives == {}
     assert "--init exact (not measured on these probes)" in check.suggestion
+
+
+def test_a_closed_form_that_measures_worse_is_undone(monkeypatch: pytest.MonkeyPatch) -> None:
+    import wsconvert.recovery as recovery
+
+    def wreck(converted: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        with torch.no_grad():
+            for m in converted.modules():
+                if isinstance(m, nn.GroupNorm):
+                    m.weight.mul_(-3.0)
+        return [], {}
+
+    monkeypatch.setattr(recovery, "fit_norms", wreck)
+    original = _net()
+    for steps, lr in ((0, 1e-3), (3, 50.0)):
+        converted = _convert(original)
+        entry = copy.deepcopy(converted.state_dict())
+        report = recover(converted, original, _data(32, 12), steps=steps, lr=lr, eval_every=1)
+        assert report.kept == "converted" and report.best_step == 0
+        assert report.stages[1].loss > report.stages[0].loss
+        assert report.after.loss == report.before.loss
+        for k, v in entry.items():
+            assert torch.equal(v, converted.state_dict()[k])

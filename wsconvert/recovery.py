@@ -26,8 +26,9 @@ A seeded slice of the samples is held out: both stages fit on the rest, and the 
 on the held-out slice, the relative output error ``||y - y_orig|| / ||y_orig||`` and (classifier
 outputs) top-1 agreement with the original, before and after each stage. During distillation the
 held-out figures are checked every ``eval_every`` steps and the best state is kept, starting from
-the closed-form one: the returned model is never worse than the closed-form one on the held-out
-slice, by the distillation loss measured there (smoother than top-1 agreement on a small slice).
+the better of the converted and the closed-form states: the returned model is never worse than
+either on the held-out slice, by the distillation loss measured there (smoother than top-1
+agreement on a small slice).
 
 The library never prints: ``progress`` receives a :class:`RecoveryProgress` after each layer and
 step, and ``should_stop`` is polled as often; when it returns true (or on ``KeyboardInterrupt``)
@@ -180,6 +181,8 @@ class RecoveryReport:
         batch_size, lr, loss, temperature: distillation settings.
         seconds_per_step: mean wall time of one distillation step (held-out checks excluded).
         seed: the seed of the split and the batch order.
+        kept: the state returned: ``converted`` (the closed form measured worse and was undone,
+            and no distillation step improved on it), ``closed-form`` or ``distill``.
     """
 
     samples_fit: int
@@ -198,6 +201,7 @@ class RecoveryReport:
     temperature: float = DEFAULT_TEMPERATURE
     seconds_per_step: float = 0.0
     seed: int = 0
+    kept: str = "closed-form"
 
     @property
     def before(self) -> StageResult:
@@ -206,7 +210,9 @@ class RecoveryReport:
     @property
     def after(self) -> StageResult:
         """Figures of the returned model (the kept state)."""
-        return self.stages[-1]
+        if self.kept == "distill" or len(self.stages) == 3:
+            return self.stages[-1]  # the distill record holds the best state's figures
+        return next(s for s in self.stages if s.stage == self.kept)
 
     def summary(self) -> str:
         def fmt(s: StageResult) -> str:
@@ -225,7 +231,8 @@ class RecoveryReport:
                 "calibrated": list(self.calibrated), "steps": self.steps,
                 "steps_run": self.steps_run, "best_step": self.best_step,
                 "batch_size": self.batch_size, "lr": self.lr, "loss": self.loss,
-                "temperature": self.temperature, "seconds_per_step": self.seconds_per_step}
+                "temperature": self.temperature, "seconds_per_step": self.seconds_per_step,
+                "kept": self.kept}
 
 
 # ---------------------------------------------------------------------------- samples
@@ -755,6 +762,7 @@ def _recover(converted: nn.Module, original: nn.Module, samples: tuple[Tensor, .
 
     # Stage 1: closed form.
     t1 = time.perf_counter()
+    before_fit = _snapshot(converted)
     fit = tuple(t[fit_idx] for t in samples)
     if calibrate:
         report.calibrated = _calibrate(converted, fit, progress)
@@ -762,8 +770,13 @@ def _recover(converted: nn.Module, original: nn.Module, samples: tuple[Tensor, .
         raise RecoveryInterrupted(_STOPPED)
     report.fitted, report.skipped = fit_norms(converted, original, fit, progress=progress,
                                               should_stop=stop)
-    best = held_out("closed-form", time.perf_counter() - t1)
-    report.stages.append(best)
+    closed = held_out("closed-form", time.perf_counter() - t1)
+    report.stages.append(closed)
+    best = closed
+    if closed.loss > report.stages[0].loss:
+        # A refit can make the output worse (norms fitted one by one); never keep it then.
+        _restore(converted, before_fit)
+        best, report.kept = report.stages[0], "converted"
     if steps == 0:
         return report
 
@@ -813,7 +826,7 @@ def _recover(converted: nn.Module, original: nn.Module, samples: tuple[Tensor, .
             if step % eval_every == 0 or step == steps:
                 current = held_out("distill", time.perf_counter() - t2)
                 if current.loss < best.loss:
-                    best, report.best_step = current, step
+                    best, report.best_step, report.kept = current, step, "distill"
                     best_state = _snapshot(converted)
                 detail = _describe(current)
             report.steps_run = step

@@ -109,10 +109,12 @@ def recovery_lines(rec: dict[str, Any]) -> list[Any]:
         table.add_row(s["stage"], f"{100 * s['relative_error']:.3g}%", agree,
                       f"{s['seconds']:.1f} s")
     done = f"refitted {len(rec['fitted'])} norm(s)"
+    if rec["kept"] == "converted":
+        done += " (undone: it measured worse than the conversion on the held-out slice)"
     if rec["calibrated"]:
         done += f" after re-estimating {len(rec['calibrated'])} BatchNorm(s)"
     if rec["steps"]:
-        best = ("the closed-form state kept (no step improved it)" if rec["best_step"] == 0
+        best = (f"the {rec['kept']} state kept (no step improved on it)" if rec["best_step"] == 0
                 else f"best held-out state at step {rec['best_step']}")
         done += (f"; distilled {rec['steps_run']} step(s) ({rec['loss']} loss, batch "
                  f"{rec['batch_size']}, lr {rec['lr']:g}, "
