@@ -772,12 +772,14 @@ def _recover(converted: nn.Module, original: nn.Module, samples: tuple[Tensor, .
                                               should_stop=stop)
     closed = held_out("closed-form", time.perf_counter() - t1)
     report.stages.append(closed)
-    best = closed
+    best, best_state = closed, _snapshot(converted)
     if closed.loss > report.stages[0].loss:
-        # A refit can make the output worse (norms fitted one by one); never keep it then.
-        _restore(converted, before_fit)
-        best, report.kept = report.stages[0], "converted"
+        # Norms fitted one by one can leave the output measured worse than the plain conversion:
+        # never return that state (distillation still starts from the refit, a better start in
+        # every case measured).
+        best, best_state, report.kept = report.stages[0], before_fit, "converted"
     if steps == 0:
+        _restore(converted, best_state)
         return report
 
     # Stage 2: distillation, keeping the best held-out state (the closed-form one included).
@@ -791,7 +793,6 @@ def _recover(converted: nn.Module, original: nn.Module, samples: tuple[Tensor, .
     schedule = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, steps) / steps)))
     order = torch.Generator().manual_seed(seed + 1)
-    best_state = _snapshot(converted)
     step_time = 0.0
     batches = _batch_indices(len(fit_idx), batch_size, order)
     last = float("nan")
