@@ -105,7 +105,7 @@ def build(source: str, name: str) -> Any:
     return getattr(importlib.import_module(module), attr)(**kwargs).eval()
 
 
-def randomize(model: Any, seed: int) -> None:
+def randomize(model: Any, seed: int, shape: tuple[int, ...] = SHAPE, batches: int = 3) -> Any:
     """Give a freshly built model what a trained checkpoint has: random BatchNorm affines, then
     running statistics that match its activations (measured on random inputs, as training would
     leave them). Without them a random-init network's logits reach hundreds, far from what a
@@ -123,12 +123,13 @@ def randomize(model: Any, seed: int) -> None:
                 m.reset_running_stats()
                 m.momentum = None  # cumulative average over the calibration batches
         if any(m.running_mean is not None for m in norms):
-            model.train()
-            for _ in range(3):
-                model(torch.randn(4, *SHAPE[1:], generator=g))
+            for m in norms:  # only the norms: no dropout, no auxiliary heads
+                m.train()
+            for _ in range(batches):
+                model(torch.randn(4, *shape[1:], generator=g))
         for m in norms:
             m.momentum = 0.1
-    model.eval()
+    return model.eval()
 
 
 def cli(args: list[str], cwd: Path, timeout: float) -> tuple[int, str, float]:
@@ -183,10 +184,14 @@ def run_one(source: str, name: str, covers: str, work: Path, seed: int,
             timeout: float) -> Row:
     import torch
 
-    row = Row(source, name, covers)
+    row = Row(source, name, covers, stage="build")
     torch.manual_seed(seed)
-    model = build(source, name)
-    randomize(model, seed)
+    try:
+        model = build(source, name)
+        randomize(model, seed)
+    except Exception as exc:  # noqa: BLE001 - recorded, the sweep goes on
+        row.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        return row
     row.params_m = sum(p.numel() for p in model.parameters()) / 1e6
     ckpt = work / "model.pt"
     torch.save(model.state_dict(), ckpt)

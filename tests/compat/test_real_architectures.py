@@ -12,6 +12,7 @@ Needs torchvision and timm, which need their own environment (``.venv-compat``; 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -38,6 +39,13 @@ except Exception as exc:  # noqa: BLE001 - a broken torchvision raises RuntimeEr
 import wsconvert
 from wsconvert.export import ExportConfig, export_onnx
 from wsconvert.parity import check_parity, make_inputs
+
+# The sweep script (scripts/sweep_compat.py) builds "checkpoint-like" random models; share it.
+_spec = importlib.util.spec_from_file_location(
+    "sweep_compat", Path(__file__).parents[2] / "scripts" / "sweep_compat.py")
+assert _spec is not None and _spec.loader is not None
+sweep = sys.modules.setdefault("sweep_compat", importlib.util.module_from_spec(_spec))
+_spec.loader.exec_module(sweep)
 
 EXE = shutil.which("wsconvert", path=str(Path(sys.executable).parent)) or "wsconvert"
 SHAPE = (1, 3, 64, 64)
@@ -68,25 +76,8 @@ def build(spec: tuple[str, dict[str, Any]]) -> nn.Module:
 
 def checkpoint_like(model: nn.Module, seed: int = 0) -> nn.Module:
     """What a trained checkpoint has and a fresh build lacks: random BatchNorm affines and
-    running statistics that match the activations (a random-init network's logits otherwise
-    reach hundreds and the gate's elementwise tolerance measures float32 noise)."""
-    g = torch.Generator().manual_seed(seed)
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    with torch.no_grad():
-        for m in norms:
-            if m.weight is not None:
-                m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=g))
-                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
-            if m.running_mean is not None:
-                m.reset_running_stats()
-                m.momentum = None
-        if any(m.running_mean is not None for m in norms):
-            model.train()
-            for _ in range(2):
-                model(torch.randn(4, *SHAPE[1:], generator=g))
-        for m in norms:
-            m.momentum = 0.1
-    return model.eval()
+    running statistics that match the activations (the sweep script's helper)."""
+    return sweep.randomize(model, seed, SHAPE, batches=2)  # type: ignore[no-any-return]
 
 
 def original(spec: tuple[str, dict[str, Any]]) -> nn.Module:
