@@ -21,7 +21,12 @@ from xml.etree import ElementTree as ET
 import torch
 from torch import Tensor, nn
 
+from wsconvert.defaults import GATE_ATOL, GATE_RTOL
 from wsconvert.errors import CheckpointError, UsageError
+from wsconvert.io.atomic import save_state_dict, write_text
+from wsconvert.io.inputs import InputSet
+from wsconvert.io.inputs import load_inputs as _load_input_sets
+from wsconvert.validate import check_gate_options, parse_batch_sizes
 
 __all__ = [
     "DEFAULT_ATOL",
@@ -37,17 +42,9 @@ __all__ = [
     "save_failing_inputs",
 ]
 
-# fp32 defaults; see docs/parity.md for the measurements behind them.
-DEFAULT_ATOL = 1e-4
-DEFAULT_RTOL = 1e-3
-
-
-@dataclass(frozen=True)
-class InputSet:
-    """One set of model inputs (one tensor per forward argument)."""
-
-    name: str
-    tensors: tuple[Tensor, ...]
+# fp32 defaults (wsconvert.defaults); see docs/parity.md for the measurements behind them.
+DEFAULT_ATOL = GATE_ATOL
+DEFAULT_RTOL = GATE_RTOL
 
 
 @dataclass(frozen=True)
@@ -147,11 +144,9 @@ def make_inputs(shapes: Sequence[tuple[int, ...]], seeds: int = 1,
     Raises:
         UsageError: ``seeds`` < 1 or a batch size < 1.
     """
-    if seeds < 1:
-        raise UsageError("--seeds must be at least 1")
-    batches = list(batch_sizes) if batch_sizes else [None]
-    if any(b is not None and b < 1 for b in batches):
-        raise UsageError("--batch-sizes must be positive integers")
+    check_gate_options(seeds, 0.0, 0.0)
+    sizes = parse_batch_sizes(batch_sizes)
+    batches: list[int | None] = list(sizes) if sizes else [None]
     sets = []
     for seed in range(seeds):
         for b in batches:
@@ -163,30 +158,12 @@ def make_inputs(shapes: Sequence[tuple[int, ...]], seeds: int = 1,
 
 
 def load_inputs(path: str | os.PathLike[str]) -> list[InputSet]:
-    """Real samples from ``.pt`` (a tensor, a tuple / list / dict of tensors, or a list of such
-    tuples for several sets), ``.npz`` (arrays in key order, one set) or ``.npy`` (one tensor).
+    """Real samples from a file: see :func:`wsconvert.io.inputs.load_inputs` for the forms.
 
     Raises:
-        CheckpointError: unreadable or not tensors.
+        InputsError: unreadable or not tensors.
     """
-    from wsconvert.checkpoint import read_inputs_file
-
-    p = Path(path)
-    obj = read_inputs_file(p)
-
-    def as_set(o: Any, name: str) -> InputSet:
-        if isinstance(o, Tensor):
-            return InputSet(name, (o,))
-        if isinstance(o, dict) and all(isinstance(v, Tensor) for v in o.values()):
-            return InputSet(name, tuple(o.values()))
-        if isinstance(o, tuple | list) and o and all(isinstance(v, Tensor) for v in o):
-            return InputSet(name, tuple(o))
-        raise CheckpointError(f"{p}: inputs must be tensors, a tuple/dict of tensors, or a list "
-                              "of those")
-
-    if isinstance(obj, list) and obj and all(isinstance(o, tuple | dict) for o in obj):
-        return [as_set(o, f"{p.stem}[{i}]") for i, o in enumerate(obj)]
-    return [as_set(obj, p.stem)]
+    return _load_input_sets(path)
 
 
 def save_failing_inputs(report: ParityReport, inputs: Sequence[InputSet],
@@ -195,8 +172,6 @@ def save_failing_inputs(report: ParityReport, inputs: Sequence[InputSet],
     failing = {c.input_set for c in report.failures}
     if not failing:
         return []
-    from wsconvert.checkpoint import save_state_dict, write_text
-
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     written = [save_state_dict(s.tensors, d / f"{s.name}.pt", force=True)
@@ -316,8 +291,7 @@ def check_parity(onnx_path: str | os.PathLike[str], reference: nn.Module,
         ... # doctest: +SKIP
         >>> sys.exit(0 if report.passed() else 1)                   # doctest: +SKIP
     """
-    if not (atol >= 0 and rtol >= 0):
-        raise UsageError("--atol and --rtol must be >= 0")
+    check_gate_options(1, atol, rtol)
     path = Path(onnx_path)
     graph_inputs = onnx_inputs(path)
     session = _onnx_session(path)
