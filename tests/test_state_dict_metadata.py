@@ -22,8 +22,6 @@ import torch
 
 import wsconvert
 
-# Until the io restructure (#14), which keeps _metadata in its state-dict transforms, lands here.
-PENDING = pytest.mark.xfail(strict=True, reason="state-dict transforms drop _metadata before #14")
 EXE = shutil.which("wsconvert", path=str(Path(sys.executable).parent)) or "wsconvert"
 
 NETS = '''
@@ -116,11 +114,10 @@ def test_loader_requires_the_version(mnets: Any) -> None:
     mnets.Net().load_state_dict(state)
 
 
-@PENDING
 @pytest.mark.parametrize("form", ["bare", "module.", "model.", "nested"])
 def test_read_keeps_metadata_through_prefix_stripping(mnets: Any, tmp_path: Path,
                                                       form: str) -> None:
-    from wsconvert.checkpoint import load_model
+    from wsconvert.io.wsfile import load_model
 
     net = mnets.build()
     if form == "bare":
@@ -135,9 +132,9 @@ def test_read_keeps_metadata_through_prefix_stripping(mnets: Any, tmp_path: Path
     torch.testing.assert_close(loaded.model(x), net.eval()(x), rtol=0, atol=0)
 
 
-@PENDING
 def test_ws_checkpoint_and_fold_keep_metadata(mnets: Any, tmp_path: Path) -> None:
-    from wsconvert.checkpoint import load_model, load_weights_into
+    from wsconvert.io.state import load_weights_into
+    from wsconvert.io.wsfile import load_model
 
     torch.save(mnets.build().state_dict(), tmp_path / "net.pt")
     loaded = load_model(tmp_path / "net.pt", "mnets:build")
@@ -158,7 +155,6 @@ def test_ws_checkpoint_and_fold_keep_metadata(mnets: Any, tmp_path: Path) -> Non
     fresh.load_state_dict(reread, strict=True)
 
 
-@PENDING
 def test_cli_apply_fold_keep_metadata(mnets: Any, tmp_path: Path) -> None:
     torch.save(_wrapped(mnets.build(), "module"), tmp_path / "ddp.pt")
     proc = _run("apply", "ddp.pt", "--model", "mnets:build", "--init", "exact", "--no-drift",

@@ -217,10 +217,10 @@ def _check_inputs(model: nn.Module, config: ExportConfig) -> tuple[torch.Tensor,
         except Exception as exc:  # noqa: BLE001 - any failure means the shapes do not fit
             reason = dependency_reason(exc, 200)
             if b is None:
-                raise UsageError(f"--input-shape {shapes} does not fit the model: {reason}"
+                raise UsageError(f"`input_shape` {shapes} does not fit the model: {reason}"
                                  ) from None
-            raise UsageError(f"--dynamic-batch: the model does not run at batch {b} "
-                             f"(--input-shape {shapes} with that batch): {reason}") from None
+            raise UsageError(f"`dynamic_batch=True`: the model does not run at batch {b} "
+                             f"(`input_shape` {shapes} with that batch): {reason}") from None
     return inputs
 
 
@@ -254,7 +254,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], config: ExportCo
 
     target = Path(path)
     if target.exists() and not force:
-        raise OutputExistsError(f"{target}: already exists (pass --force to overwrite)")
+        raise OutputExistsError(f"{target}: already exists (pass `force=True` to overwrite)")
     if not target.parent.is_dir():
         raise UsageError(f"{target}: output directory {target.parent} does not exist")
     model = model.eval()
@@ -296,7 +296,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], config: ExportCo
         for f in sorted(tmp_dir.iterdir()):
             final = target.parent / f.name
             if final != target and final.exists() and not force:
-                raise OutputExistsError(f"{final}: already exists (pass --force to overwrite)")
+                raise OutputExistsError(f"{final}: already exists (pass `force=True` to overwrite)")
             files.append(final)
         for f in sorted(tmp_dir.iterdir()):
             os.replace(f, target.parent / f.name)

@@ -211,8 +211,7 @@ CLI_MODELS = [
     pytest.param("convnext_atto", tm("convnext_atto"),
                  "channels-last LayerNorm + depthwise 7x7 (timm)", id="convnext_atto"),
     pytest.param("mnasnet0_5", tv("mnasnet0_5"), "a loader that needs the state dict's _metadata",
-                 id="mnasnet0_5",
-                 marks=pytest.mark.xfail(strict=True, reason="_metadata dropped before #14")),
+                 id="mnasnet0_5"),
     pytest.param("resnetv2_50x1_bit", tm("resnetv2_50x1_bit"),
                  "WS-native: BiT StdConv2d, folded as is", id="resnetv2_50x1_bit"),
 ]
