@@ -42,7 +42,7 @@ from wsconvert.errors import ConversionError, UsageError
 from wsconvert.export import ExportConfig, ExportResult, export_onnx
 from wsconvert.fold import FoldReport, fold_ws
 from wsconvert.inspection import LayerInfo, inspect_model
-from wsconvert.io.atomic import OutputSet, save_bytes
+from wsconvert.io.atomic import OutputSet, check_weights_output, save_bytes, save_weights
 from wsconvert.io.inputs import infer_input_shape, parse_shapes
 from wsconvert.io.state import load_weights_into
 from wsconvert.io.wsfile import LoadedModel, load_model, ws_payload
@@ -199,6 +199,9 @@ def convert(checkpoint: PathLike, output: PathLike | None = None, *, model: str 
     with OutputSet(force=force, protect=[checkpoint]) as outputs:
         target = outputs.add(output if output is not None else default_output(checkpoint,
                                                                               ".ws.pt"))
+        if target.suffix == ".safetensors":
+            raise UsageError(f"`output` {target}: a WS checkpoint records how to rebuild the "
+                             "model and is a torch file (.ws.pt); fold writes .safetensors")
         with progress("load"):
             loaded = load_model(checkpoint, model, model_kwargs, trust=trust,
                                 allow_classes=allow_classes)
@@ -352,9 +355,9 @@ def fold_and_export(checkpoint: PathLike, output: PathLike | None = None, *,
     Stages: load (``checkpoint``, or ``from_ws``'s architecture with ``checkpoint``'s weights),
     ``fold`` (:func:`~wsconvert.fold.fold_ws`), ``export``
     (:func:`~wsconvert.export.export_onnx`; the shape is ``input_shape`` or inferred from the
-    first conv), ``gate`` (unless ``check=False``), then the folded checkpoint (a state dict, or
-    the pickled module with ``whole_module``), the ONNX file and the reports are committed
-    together.
+    first conv), ``gate`` (unless ``check=False``), then the folded checkpoint (a state dict, as
+    safetensors when ``output`` ends in ``.safetensors``, or the pickled module with
+    ``whole_module``), the ONNX file and the reports are committed together.
 
     Raises:
         WsconvertError: any stage failing; nothing is written then.
@@ -364,6 +367,7 @@ def fold_and_export(checkpoint: PathLike, output: PathLike | None = None, *,
     with OutputSet(force=force, protect=[checkpoint, *([from_ws] if from_ws else [])]
                    ) as outputs:
         target = Path(output) if output is not None else default_output(checkpoint, ".folded.pt")
+        check_weights_output(target, whole_module=whole_module)
         onnx_path = None if onnx is None else Path(onnx)
         for path in (target, onnx_path):
             if path is not None and path.exists() and not force:
@@ -413,8 +417,8 @@ def fold_and_export(checkpoint: PathLike, output: PathLike | None = None, *,
             result.onnx = exported
         with progress("save"):
             model_out = folded.model
-            save_bytes(model_out if whole_module else model_out.state_dict(),
-                       outputs.stage(target))
+            save_weights(model_out if whole_module else model_out.state_dict(),
+                         outputs.stage(target))
             outputs.commit()
     if plan is not None and result.parity is not None and sets is not None:
         save_failing_stage(plan, result.parity, sets)

@@ -32,11 +32,13 @@ FLAGS = {
     "norm": "--norm",
     "norm=keep": "--norm keep",
     "onnx": "--onnx",
+    "output": "--output",
     "report": "--report",
     "rtol": "--rtol",
     "save_failing": "--save-failing",
     "seeds": "--seeds",
     "trust=True": "--trust",
+    "whole_module=True": "--whole-module",
 }
 """Backticked library token -> what the command line shows."""
 
