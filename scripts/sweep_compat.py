@@ -3,7 +3,8 @@
 For every architecture, with random weights (``weights=None`` / ``pretrained=False``; nothing is
 downloaded) and randomized BatchNorm statistics:
 
-1. ``wsconvert apply model.pt --model SPEC --init exact`` (a state dict plus the builder),
+1. ``wsconvert apply model.pt --model SOURCE:NAME --init exact`` (a state dict plus the
+   builder: ``torchvision:NAME`` / ``timm:NAME``),
 2. ``wsconvert fold model.ws.pt --onnx model.onnx --dynamic-batch --input-shape 1,3,96,96``
    (for a WS-native timm model, BiT / NFNet: ``fold model.pt --model SPEC`` folds its own layers),
 3. ``wsconvert check model.onnx --against model.ws.pt``,
@@ -90,19 +91,15 @@ class Row:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def spec(source: str, name: str) -> tuple[str, dict[str, Any]]:
-    """The generic MODULE:FACTORY spec and kwargs that build ``name`` with random weights."""
-    if source == "torchvision":
-        return "torchvision.models:get_model", {"name": name, "weights": None}
-    return "timm:create_model", {"model_name": name, "pretrained": False}
+def spec(source: str, name: str) -> str:
+    """The ``--model`` short form that builds ``name`` with random weights."""
+    return f"{source}:{name}"
 
 
 def build(source: str, name: str) -> Any:
-    import importlib
+    from wsconvert.io.spec import build_model
 
-    factory, kwargs = spec(source, name)
-    module, _, attr = factory.partition(":")
-    return getattr(importlib.import_module(module), attr)(**kwargs).eval()
+    return build_model(spec(source, name))
 
 
 def randomize(model: Any, seed: int, shape: tuple[int, ...] = SHAPE, batches: int = 3) -> Any:
@@ -172,10 +169,16 @@ def ort_relative_error(onnx_path: Path, model: Any, seed: int) -> float:
 
 
 def strict_load(source: str, name: str, folded: Path) -> bool:
+    """The folded state dict loads ``strict=True`` into a fresh instance of the architecture (a
+    WS-native one folded first: its layers are plain convs after folding)."""
     import torch
+
+    from wsconvert.fold import fold_ws
 
     state = torch.load(folded, map_location="cpu", weights_only=True)
     fresh = build(source, name)
+    if name in WS_NATIVE:
+        fresh = fold_ws(fresh).model
     fresh.load_state_dict(state, strict=True)
     return True
 
@@ -195,8 +198,7 @@ def run_one(source: str, name: str, covers: str, work: Path, seed: int,
     row.params_m = sum(p.numel() for p in model.parameters()) / 1e6
     ckpt = work / "model.pt"
     torch.save(model.state_dict(), ckpt)
-    factory, kwargs = spec(source, name)
-    model_args = ["--model", factory, "--model-kwargs", json.dumps(kwargs)]
+    model_args = ["--model", spec(source, name)]
     shape = ",".join(map(str, SHAPE))
     if name in WS_NATIVE:
         reference, fold_in, fold_model = ckpt, ckpt, model_args

@@ -187,3 +187,14 @@ def test_exporter_failure_is_one_clean_line_and_logs_stay_quiet(
     assert captured.out == "" and captured.err == ""
     assert logging.getLogger("torch").level == before  # levels restored
     assert not list(tmp_path.iterdir())
+
+
+def test_cli_error_line_keeps_dependency_text_and_drops_colour(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from wsconvert.cli._common import _error_line
+
+    _error_line("ONNX export failed: [torch.onnx] \x1b[96mstep 1/3\x1b[0m (Invalid ranges "
+                "[2:1]) list[int]\n  second line")
+    err = capsys.readouterr().err
+    assert err == ("error: ONNX export failed: [torch.onnx] step 1/3 (Invalid ranges [2:1]) "
+                   "list[int] second line\n")

@@ -20,7 +20,13 @@ import torch
 from torch import nn
 
 from wsconvert.defaults import EXPORT_SPATIAL
-from wsconvert.errors import OutputExistsError, ParityFailure, UsageError, WsconvertError
+from wsconvert.errors import (
+    OutputExistsError,
+    ParityFailure,
+    UsageError,
+    WsconvertError,
+    strip_ansi,
+)
 from wsconvert.io.inputs import infer_input_shape, parse_shape, parse_shapes
 
 __all__ = [
@@ -50,13 +56,6 @@ DYNAMIC_TRACE_BATCH = 2
 # during an export: the failure comes back as one exception, turned into one line.
 _DEPENDENCY_LOGGERS = ("torch", "onnxscript", "onnx_ir", "onnx", "onnxruntime")
 _NEXT_STEPS = re.compile(r"\s*Next steps:.*$")
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-_]")
-
-
-def strip_ansi(text: str) -> str:
-    """``text`` without terminal colour / cursor escape sequences (the exporter colours its
-    messages)."""
-    return _ANSI.sub("", text)
 
 
 def dependency_reason(exc: BaseException, limit: int = 300) -> str:

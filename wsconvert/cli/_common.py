@@ -17,7 +17,7 @@ from rich.markup import escape as rich_escape
 
 from wsconvert import defaults
 from wsconvert.cli._errors import cli_text
-from wsconvert.errors import ConversionError, WsconvertError
+from wsconvert.errors import ConversionError, WsconvertError, strip_ansi
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -130,9 +130,11 @@ def _naming_input(exc: Exception, kwargs: dict[str, Any]) -> str:
 
 
 def _error_line(message: str) -> None:
-    line = " ".join(message.split())
+    # Messages quote dependencies: no colour codes, and brackets ("[torch.onnx]", "list[int]")
+    # are text, not markup.
+    line = " ".join(strip_ansi(message).split())
     Console(stderr=True, highlight=False, soft_wrap=True).print(
-        f"[bold red]error:[/] {line}", markup=True, emoji=False)
+        f"[bold red]error:[/] {rich_escape(line)}", markup=True, emoji=False)
 
 
 def escape(text: object) -> str:
