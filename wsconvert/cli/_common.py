@@ -23,12 +23,14 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 DEBUG_ENV = "WSCONVERT_DEBUG"
 
-CheckpointArg = Annotated[Path, typer.Argument(help="Checkpoint file (.pt / .pth / .ckpt).",
+CheckpointArg = Annotated[Path, typer.Argument(help="Checkpoint file (.pt / .pth / .ckpt / "
+                                                    ".safetensors).",
                                                show_default=False)]
 ModelOpt = Annotated[str | None, typer.Option(
     "--model", "-m", metavar="MODULE:FACTORY",
     help="Callable building the architecture, for state-dict checkpoints (runs that module's "
-         "code; the current directory is importable).")]
+         "code; the current directory is importable); or timm:NAME / torchvision:NAME "
+         "(random weights, nothing downloaded).")]
 ModelKwargsOpt = Annotated[str | None, typer.Option(
     "--model-kwargs", metavar="JSON", help="JSON object of keyword arguments for --model.")]
 TrustOpt = Annotated[bool, typer.Option(
