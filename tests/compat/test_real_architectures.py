@@ -147,8 +147,7 @@ API_MODELS = [
 ]
 SLOW_API_MODELS = [
     ("convnext_tiny", tv("convnext_tiny"), "channels-last LayerNorm (torchvision)"),
-    ("inception_v3", tv("inception_v3", init_weights=True, aux_logits=False),
-     "multi-branch, asymmetric kernels"),
+    ("efficientnet_v2_s", tv("efficientnet_v2_s"), "fused MBConv + squeeze-excite"),
     ("resnet50", tv("resnet50"), "bottlenecks, strided 1x1 shortcuts"),
     ("convnext_nano", tm("convnext_nano"), "channels-last LayerNorm (timm)"),
 ]
