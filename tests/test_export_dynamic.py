@@ -135,6 +135,7 @@ def test_model_that_only_runs_at_batch_one_is_refused_before_export(tmp_path: Pa
         export_onnx(BatchOne(), tmp_path / "b.onnx",
                     ExportConfig(((1, 3, 8, 8),), dynamic_batch=True))
     assert "\n" not in str(err.value)
+    assert f"the model BatchOne ({__name__}) does not run at batch 2" in str(err.value)
     assert not list(tmp_path.iterdir())
     # Without a dynamic batch it exports as before.
     export_onnx(BatchOne(), tmp_path / "b.onnx", ExportConfig(((1, 3, 8, 8),)))

@@ -148,7 +148,7 @@ def _quiet() -> Iterator[None]:
 def _model_name(model: nn.Module) -> str:
     """``ConvNeXt (torchvision.models.convnext)``: the class and the module defining it."""
     cls = type(model)
-    return f"{cls.__qualname__} ({cls.__module__})"
+    return f"{cls.__name__} ({cls.__module__})"
 
 
 def _param_bytes(model: nn.Module) -> int:
@@ -216,10 +216,11 @@ def _check_inputs(model: nn.Module, config: ExportConfig) -> tuple[torch.Tensor,
         except Exception as exc:  # noqa: BLE001 - any failure means the shapes do not fit
             reason = dependency_reason(exc, 200)
             if b is None:
-                raise UsageError(f"`input_shape` {shapes} does not fit the model: {reason}"
-                                 ) from None
-            raise UsageError(f"`dynamic_batch=True`: the model does not run at batch {b} "
-                             f"(`input_shape` {shapes} with that batch): {reason}") from None
+                raise UsageError(f"`input_shape` {shapes} does not fit the model "
+                                 f"{_model_name(model)}: {reason}") from None
+            raise UsageError(f"`dynamic_batch=True`: the model {_model_name(model)} does not run "
+                             f"at batch {b} (`input_shape` {shapes} with that batch): {reason}"
+                             ) from None
     return inputs
 
 
