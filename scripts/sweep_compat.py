@@ -203,7 +203,8 @@ def run_one(source: str, name: str, covers: str, work: Path, seed: int,
     if name in WS_NATIVE:
         reference, fold_in, fold_model = ckpt, ckpt, model_args
     else:
-        reference, fold_in, fold_model = work / "model.ws.pt", work / "model.ws.pt", []
+        # The WS checkpoint records the builder; --model again is the consent to run it.
+        reference, fold_in, fold_model = work / "model.ws.pt", work / "model.ws.pt", model_args
         row.stage = "apply"
         code, err, s = cli(["apply", str(ckpt), *model_args, "--init", "exact",
                             "--input-shape", shape, "-o", str(reference)], work, timeout)

@@ -192,14 +192,18 @@ def test_shape_mismatch_fails_the_gate(tmp_path: Path) -> None:
 
 
 def test_compare_semantics() -> None:
-    ref = torch.tensor([1.0, 0.0, 100.0, float("nan")])
-    got = torch.tensor([1.0 + 2e-4, 5e-5, 100.05, float("nan")])
+    ref = torch.tensor([1.0, 0.0, 100.0, 7.0])
+    got = torch.tensor([1.0 + 2e-4, 5e-5, 100.05, 7.0])
     c = compare("export", "s", "o", ref, got, atol=1e-4, rtol=1e-3)
     # elementwise |got-ref| <= atol + rtol*|ref|: 2e-4 <= 1.1e-3, 5e-5 <= 1e-4, .05 <= .1001
     assert c.passed and c.frac_out == 0
     assert c.max_abs == pytest.approx(0.05, rel=1e-3)
     c = compare("export", "s", "o", ref, got, atol=0, rtol=1e-4)
     assert not c.passed and c.frac_out == pytest.approx(0.75)
+    # NaN on both sides is no evidence the model works: it fails, saying why (issue #11).
+    nan = torch.tensor([float("nan")])
+    c = compare("export", "s", "o", torch.cat([ref, nan]), torch.cat([got, nan]), atol=1, rtol=1)
+    assert not c.passed and "non-finite" in c.reason
     assert c.max_rel == float("inf")  # 5e-5 against a zero reference
     c = compare("export", "s", "o", ref, got[:3], atol=1, rtol=1)
     assert not c.passed and c.reason == "shape mismatch"

@@ -162,7 +162,8 @@ def test_cli_apply_from_safetensors_fold_to_safetensors(vnets: Any, tmp_path: Pa
     cli.run("apply", "model.safetensors", "--model", "vnets:build", "--init", "exact",
             "--no-drift", cwd=tmp_path).check_returncode()
     assert (tmp_path / "model.ws.pt").exists()
-    proc = cli.run("fold", "model.ws.pt", "-o", "folded.safetensors", cwd=tmp_path)
+    proc = cli.run("fold", "model.ws.pt", "--model", "vnets:build", "-o", "folded.safetensors",
+                   cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     out = tmp_path / "folded.safetensors"
     with safe_open(str(out), framework="pt") as f:  # type: ignore[no-untyped-call]
@@ -185,5 +186,6 @@ def test_cli_refuses_safetensors_for_modules_and_ws_checkpoints(vnets: Any, tmp_
                    "--output ws.safetensors", "a WS checkpoint", cwd=tmp_path)
     cli.run("apply", "model.pt", "--model", "vnets:build", "--no-drift",
             cwd=tmp_path).check_returncode()
-    cli.assert_bad(["fold", "model.ws.pt", "-o", "f.safetensors", "--whole-module"],
+    cli.assert_bad(["fold", "model.ws.pt", "--model", "vnets:build", "-o", "f.safetensors",
+                    "--whole-module"],
                    "tensors only", "--whole-module", cwd=tmp_path)

@@ -142,7 +142,7 @@ def test_ws_checkpoint_and_fold_keep_metadata(mnets: Any, tmp_path: Path) -> Non
     wsconvert.save(ws, tmp_path / "net.ws.pt")
     payload = torch.load(tmp_path / "net.ws.pt", weights_only=True)
     assert _metadata(payload["state_dict"])["block"] == {"version": 2}  # written
-    back = wsconvert.load(tmp_path / "net.ws.pt")  # read: Versioned needs it
+    back = wsconvert.load(tmp_path / "net.ws.pt", model="mnets:build")  # read: Versioned needs it
     # A training loop's DDP-wrapped save of the WS model goes back into the WS architecture.
     torch.save(_wrapped(back, "module"), tmp_path / "tuned.pt")
     load_weights_into(back, tmp_path / "tuned.pt")
@@ -160,7 +160,7 @@ def test_cli_apply_fold_keep_metadata(mnets: Any, tmp_path: Path) -> None:
     proc = _run("apply", "ddp.pt", "--model", "mnets:build", "--init", "exact", "--no-drift",
                 cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    proc = _run("fold", "ddp.ws.pt", "-o", "folded.pt", cwd=tmp_path)
+    proc = _run("fold", "ddp.ws.pt", "--model", "mnets:build", "-o", "folded.pt", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     folded = torch.load(tmp_path / "folded.pt", weights_only=True)
     assert _metadata(folded)["block"] == {"version": 2}

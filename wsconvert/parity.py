@@ -201,6 +201,8 @@ def compare(stage: str, input_set: str, name: str, ref: Tensor, got: Tensor, ato
         return OutputComparison(passed=True, max_abs=0.0, max_rel=0.0, mean_abs=0.0, frac_out=0.0,
                                 cosine=1.0, **base)
     r, g = ref.detach().double(), got.detach().double()
+    nonfinite = [side for side, t in (("reference", r), ("candidate", g))
+                 if not bool(torch.isfinite(t).all())]
     same_nonfinite = (r == g) | (r.isnan() & g.isnan())
     diff = (r - g).abs().where(~same_nonfinite, torch.zeros_like(r))
     ok = (diff <= atol + rtol * r.abs()) | same_nonfinite
@@ -208,12 +210,14 @@ def compare(stage: str, input_set: str, name: str, ref: Tensor, got: Tensor, ato
     rf, gf = r.nan_to_num(0.0, 0.0, 0.0).flatten(), g.nan_to_num(0.0, 0.0, 0.0).flatten()
     norms = rf.norm() * gf.norm()
     cosine = float((rf @ gf) / norms) if norms > 0 else float(torch.equal(rf, gf))
-    passed = bool(ok.all())
+    passed = bool(ok.all()) and not nonfinite
+    reason = "" if passed else f"{int((~ok).sum())} of {ok.numel()} elements out of tolerance"
+    if nonfinite:  # NaN equal to NaN is no evidence the model works
+        reason = f"non-finite values (NaN or inf) in the {' and '.join(nonfinite)} output"
     return OutputComparison(
         passed=passed, max_abs=float(diff.max()), max_rel=float(rel.max()),
         mean_abs=float(diff.mean()), frac_out=float((~ok).double().mean()), cosine=cosine,
-        reason="" if passed else f"{int((~ok).sum())} of {ok.numel()} elements out of tolerance",
-        **base)
+        reason=reason, **base)
 
 
 def _compare_all(report: ParityReport, stage: str, input_set: str, ref: list[tuple[str, Tensor]],

@@ -231,16 +231,15 @@ def test_pipeline_cli(name: str, spec: tuple[str, dict[str, Any]], covers: str,
         converted = [r for r in applied["layers"] if r["status"] == "converted"]
         assert len(converted) == convs(model)
         assert not applied["drift"]["large"]
-        reference, fold_args = "model.ws.pt", ["model.ws.pt"]
+        reference, fold_args = "model.ws.pt", ["model.ws.pt", *model_args]  # consent
     folded_json = json.loads(ok(run(
         "fold", *fold_args, "--onnx", "model.onnx", "--dynamic-batch", "--input-shape", SHAPE_ARG,
         "-o", "folded.pt", "--json", cwd=tmp_path)).stdout)
     assert folded_json["parity"]["passed"] is True
     assert len(folded_json["fold"]["folded"]) == (std_convs(model) if ws_native
                                                   else convs(model))
-    check = json.loads(ok(run("check", "model.onnx", "--against", reference,
-                              *(model_args if ws_native else []), "--json",
-                              cwd=tmp_path)).stdout)
+    check = json.loads(ok(run("check", "model.onnx", "--against", reference, *model_args,
+                              "--json", cwd=tmp_path)).stdout)
     assert check["parity"]["passed"] is True
     assert {c["input_set"].rsplit("-", 1)[-1] for c in check["parity"]["comparisons"]} == {
         "b1", "b4"}

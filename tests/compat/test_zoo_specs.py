@@ -67,8 +67,9 @@ def test_cli_hf_safetensors_of_a_timm_model(tmp_path: Path, cli: Any) -> None:
                    "--input-shape", "1,3,64,64", "--json", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["drift"]["large"] is False
-    ws = wsconvert.load(tmp_path / "model.ws.pt")  # rebuilt from the recorded short form
-    proc = cli.run("fold", "model.ws.pt", "-o", "folded.safetensors", cwd=tmp_path)
+    ws = wsconvert.load(tmp_path / "model.ws.pt", model="timm:resnet10t")  # the recorded form
+    proc = cli.run("fold", "model.ws.pt", "--model", "timm:resnet10t", "-o", "folded.safetensors",
+                   cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     fresh = build_model("timm:resnet10t")
     fresh.load_state_dict(wsconvert.io.safe.read_checkpoint(tmp_path / "folded.safetensors"),
@@ -84,7 +85,8 @@ def test_cli_torchvision_short_form(tmp_path: Path, cli: Any) -> None:
     proc = cli.run("apply", "sq.pt", "--model", "torchvision:squeezenet1_1", "--init", "exact",
                    "--no-drift", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    proc = cli.run("fold", "sq.ws.pt", "-o", "sq.folded.pt", cwd=tmp_path)
+    proc = cli.run("fold", "sq.ws.pt", "--model", "torchvision:squeezenet1_1", "-o",
+                   "sq.folded.pt", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     fresh = torchvision.models.get_model("squeezenet1_1", weights=None)
     fresh.load_state_dict(torch.load(tmp_path / "sq.folded.pt", weights_only=True), strict=True)

@@ -127,7 +127,11 @@ def verdict(out: Output, report: ParityReport) -> None:
     stages = ", ".join(sorted({c.stage for c in report.failures}))
     saved = report.meta.get("failing_inputs_saved_to")
     where = f"; failing inputs saved to {saved}" if saved else ""
-    raise ParityFailure(f"parity fails: {n} output(s) out of tolerance ({stages} stage){where}")
+    nonfinite = sum("non-finite" in c.reason for c in report.failures)
+    why = (f"{nonfinite} with non-finite values (NaN or inf)" if nonfinite == n else
+           f"out of tolerance, {nonfinite} of them non-finite" if nonfinite else
+           "out of tolerance")
+    raise ParityFailure(f"parity fails: {n} output(s) {why} ({stages} stage){where}")
 
 
 def translated(payload: dict[str, Any]) -> dict[str, Any]:
