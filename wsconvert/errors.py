@@ -6,6 +6,8 @@ the CLI shows the matching flag instead (``wsconvert/cli/_errors.py``).
 
 from __future__ import annotations
 
+import re
+
 __all__ = [
     "CheckpointError",
     "ConversionError",
@@ -16,7 +18,16 @@ __all__ = [
     "UntrustedCheckpointError",
     "UsageError",
     "WsconvertError",
+    "strip_ansi",
 ]
+
+_ANSI = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)|[@-Z\\-_])")
+
+
+def strip_ansi(text: str) -> str:
+    """``text`` without terminal colour / cursor escape sequences (dependencies such as the ONNX
+    exporter colour their messages; a one-line error must not carry them)."""
+    return _ANSI.sub("", text)
 
 
 class WsconvertError(Exception):

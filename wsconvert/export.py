@@ -6,6 +6,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -19,7 +20,13 @@ import torch
 from torch import nn
 
 from wsconvert.defaults import EXPORT_SPATIAL
-from wsconvert.errors import OutputExistsError, ParityFailure, UsageError, WsconvertError
+from wsconvert.errors import (
+    OutputExistsError,
+    ParityFailure,
+    UsageError,
+    WsconvertError,
+    strip_ansi,
+)
 from wsconvert.io.inputs import infer_input_shape, parse_shape, parse_shapes
 
 __all__ = [
@@ -31,6 +38,7 @@ __all__ = [
     "infer_input_shape",
     "parse_shape",
     "parse_shapes",
+    "strip_ansi",
 ]
 
 DEFAULT_SPATIAL = EXPORT_SPATIAL
@@ -41,6 +49,39 @@ _WEIGHT_MATH = {"ReduceMean", "ReduceSumSquare", "ReduceSum", "Sqrt", "Div", "Su
                 "Add", "Reciprocal", "BatchNormalization", "InstanceNormalization",
                 "LayerNormalization", "GroupNormalization", "ReduceL2", "Var"}
 _WEIGHT_CONSUMERS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
+# The batch a dynamic-batch export is traced at: torch.export specializes a size-1 dimension to
+# the constant 1 (and some graphs then fail with "Invalid ranges [2:1]"), so never trace at 1.
+DYNAMIC_TRACE_BATCH = 2
+# Loggers of the exporter stack; their records (E-level tracebacks included) never reach the user
+# during an export: the failure comes back as one exception, turned into one line.
+_DEPENDENCY_LOGGERS = ("torch", "onnxscript", "onnx_ir", "onnx", "onnxruntime")
+_NEXT_STEPS = re.compile(r"\s*Next steps:.*$")
+
+
+def dependency_reason(exc: BaseException, limit: int = 300) -> str:
+    """One line saying why a dependency (exporter, checker) failed, without colour codes.
+
+    Exporters wrap the real failure ("Failed to export the model with torch.export. This is step
+    1/3...") around the exception that says what went wrong; the innermost cause is named too.
+    """
+    chain: list[BaseException] = []
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+
+    def first_line(e: BaseException) -> str:
+        lines = [ln.strip() for ln in strip_ansi(str(e)).splitlines() if ln.strip()]
+        return lines[0] if lines else type(e).__name__
+
+    outer, inner = _NEXT_STEPS.sub("", first_line(chain[0])), chain[-1]
+    reason = outer
+    if inner is not chain[0]:
+        reason = f"{outer} ({type(inner).__name__}: {first_line(inner)})"
+    reason = " ".join(reason.split())
+    return reason if len(reason) <= limit else reason[: limit - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -82,14 +123,19 @@ class ExportResult:
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """The exporter logs and prints progress and warnings; keep them out of the user's terminal."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo",
-                                              "torch.fx", "onnxscript", "torch._export")]
+    """The exporter logs and prints progress, warnings and (on failure) E-level tracebacks; keep
+    them all out of the user's terminal. Every logger of the exporter stack, and each of its
+    children that sets its own level, is raised above CRITICAL for the duration."""
+    manager = logging.Logger.manager
+    names = [n for n in (*_DEPENDENCY_LOGGERS, *list(manager.loggerDict))
+             if n.split(".")[0] in _DEPENDENCY_LOGGERS]
+    loggers = [logging.getLogger(n) for n in dict.fromkeys(names)]
     levels = [lg.level for lg in loggers]
     sink = io.StringIO()
     try:
         for lg in loggers:
-            lg.setLevel(logging.ERROR)
+            if lg.level != logging.NOTSET or "." not in lg.name:
+                lg.setLevel(logging.CRITICAL + 1)
         with warnings.catch_warnings(), contextlib.redirect_stdout(sink), \
                 contextlib.redirect_stderr(sink):
             warnings.simplefilter("ignore")
@@ -97,6 +143,12 @@ def _quiet() -> Iterator[None]:
     finally:
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
+
+
+def _model_name(model: nn.Module) -> str:
+    """``ConvNeXt (torchvision.models.convnext)``: the class and the module defining it."""
+    cls = type(model)
+    return f"{cls.__name__} ({cls.__module__})"
 
 
 def _param_bytes(model: nn.Module) -> int:
@@ -144,15 +196,31 @@ def graph_residue(model_proto: Any) -> list[str]:
     return problems
 
 
+def trace_batch(config: ExportConfig) -> int | None:
+    """The batch size the exporter traces at: the shapes' own batch, except that a dynamic batch
+    is never traced at 1 (:data:`DYNAMIC_TRACE_BATCH` instead). ``None``: the shapes' batch."""
+    if config.dynamic_batch and any(s[0] == 1 for s in config.input_shapes):
+        return max(DYNAMIC_TRACE_BATCH, *(s[0] for s in config.input_shapes))
+    return None
+
+
 def _check_inputs(model: nn.Module, config: ExportConfig) -> tuple[torch.Tensor, ...]:
-    inputs = config.example_inputs()
-    try:
-        with torch.no_grad():
-            model(*inputs)
-    except Exception as exc:  # noqa: BLE001 - any failure means the shapes do not fit
-        shapes = " ".join(",".join(map(str, s)) for s in config.input_shapes)
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"--input-shape {shapes} does not fit the model: {reason[:200]}") from None
+    """Run the model at the shapes asked for and at the trace batch; returns the trace inputs."""
+    shapes = " ".join(",".join(map(str, s)) for s in config.input_shapes)
+    batch = trace_batch(config)
+    for b in dict.fromkeys([None, batch]):
+        inputs = config.example_inputs(b)
+        try:
+            with torch.no_grad():
+                model(*inputs)
+        except Exception as exc:  # noqa: BLE001 - any failure means the shapes do not fit
+            reason = dependency_reason(exc, 200)
+            if b is None:
+                raise UsageError(f"`input_shape` {shapes} does not fit the model "
+                                 f"{_model_name(model)}: {reason}") from None
+            raise UsageError(f"`dynamic_batch=True`: the model {_model_name(model)} does not run "
+                             f"at batch {b} (`input_shape` {shapes} with that batch): {reason}"
+                             ) from None
     return inputs
 
 
@@ -161,7 +229,10 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], config: ExportCo
     """Export a plain model with ``torch.onnx.export`` and check the file.
 
     The file is written to a temporary directory beside ``path`` and moved into place only after
-    ``onnx.checker`` (full check) passes and the graph holds no WS residue.
+    ``onnx.checker`` (full check) passes and the graph holds no WS residue. With a dynamic batch
+    the model is traced at batch :data:`DYNAMIC_TRACE_BATCH` when the shapes say 1 (the exporter
+    would specialize a size-1 batch); check parity at the batch sizes you serve. The exporter's
+    log output is silenced and its errors come back as one line without colour codes.
 
     Args:
         model: the folded model (export runs it in eval mode).
@@ -183,7 +254,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], config: ExportCo
 
     target = Path(path)
     if target.exists() and not force:
-        raise OutputExistsError(f"{target}: already exists (pass --force to overwrite)")
+        raise OutputExistsError(f"{target}: already exists (pass `force=True` to overwrite)")
     if not target.parent.is_dir():
         raise UsageError(f"{target}: output directory {target.parent} does not exist")
     model = model.eval()
@@ -208,12 +279,13 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], config: ExportCo
                                   opset_version=config.opset, input_names=input_names,
                                   dynamic_shapes=dynamic_shapes, external_data=external)
         except Exception as exc:  # noqa: BLE001 - the exporter raises many types
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise WsconvertError(f"ONNX export failed: {msg[:300]}") from None
+            raise WsconvertError(f"{_model_name(model)}: ONNX export failed: "
+                                 f"{dependency_reason(exc)}") from None
         try:
             onnx.checker.check_model(str(tmp), full_check=True)
         except Exception as exc:  # noqa: BLE001 - checker errors are several types
-            raise WsconvertError(f"exported graph fails onnx.checker: {exc}") from None
+            raise WsconvertError(f"{_model_name(model)}: exported graph fails onnx.checker: "
+                                 f"{dependency_reason(exc)}") from None
         proto = onnx.load(str(tmp), load_external_data=False)
         residue = graph_residue(proto)
         if residue and not allow_residue:
@@ -224,7 +296,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], config: ExportCo
         for f in sorted(tmp_dir.iterdir()):
             final = target.parent / f.name
             if final != target and final.exists() and not force:
-                raise OutputExistsError(f"{final}: already exists (pass --force to overwrite)")
+                raise OutputExistsError(f"{final}: already exists (pass `force=True` to overwrite)")
             files.append(final)
         for f in sorted(tmp_dir.iterdir()):
             os.replace(f, target.parent / f.name)

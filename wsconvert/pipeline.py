@@ -43,7 +43,13 @@ from wsconvert.export import ExportConfig, ExportResult, export_onnx
 from wsconvert.fold import FoldReport, fold_ws
 from wsconvert.inspection import LayerInfo, inspect_model
 from wsconvert.io.arch import arch_of
-from wsconvert.io.atomic import OutputSet, Protected, save_bytes
+from wsconvert.io.atomic import (
+    OutputSet,
+    Protected,
+    check_weights_output,
+    save_bytes,
+    save_weights,
+)
 from wsconvert.io.inputs import check_input_size, infer_input_shape, parse_shapes
 from wsconvert.io.safe import check_file
 from wsconvert.io.state import load_weights_into
@@ -257,6 +263,9 @@ def convert(checkpoint: PathLike, output: PathLike | None = None, *, model: str 
         target = outputs.add(output if output is not None else default_output(checkpoint,
                                                                               ".ws.pt"),
                              name="output")
+        if target.suffix == ".safetensors":
+            raise UsageError(f"`output` {target}: a WS checkpoint records how to rebuild the "
+                             "model and is a torch file (.ws.pt); fold writes .safetensors")
         samples = None
         if calib_data is not None:
             with progress("data"):
@@ -473,7 +482,8 @@ def fold_and_export(checkpoint: PathLike, output: PathLike | None = None, *,
     the factory's own (a ``norm="gn"`` model has GroupNorms where the factory builds
     BatchNorms), it is a wsconvert checkpoint with no WS layer instead, recording the factory
     and the transforms, so that :func:`~wsconvert.io.wsfile.load` rebuilds it. ``whole_module``
-    writes the pickled module.
+    writes the pickled module. A plain state dict is written as safetensors when ``output``
+    ends in ``.safetensors``.
 
     Raises:
         WsconvertError: any stage failing; nothing is written then.
@@ -483,6 +493,7 @@ def fold_and_export(checkpoint: PathLike, output: PathLike | None = None, *,
     protect = _inputs(checkpoint=checkpoint, from_ws=from_ws, inputs=inputs)
     with OutputSet(force=force, protect=protect) as outputs:
         target = Path(output) if output is not None else default_output(checkpoint, ".folded.pt")
+        check_weights_output(target, whole_module=whole_module)
         onnx_path = None if onnx is None else Path(onnx)
         outputs.add(target, name="output")
         if onnx_path is not None:
@@ -515,6 +526,10 @@ def fold_and_export(checkpoint: PathLike, output: PathLike | None = None, *,
         result = FoldResult(Path(checkpoint), target, ws_model, folded)
         arch = arch_of(folded.model) or arch_of(ws_model)
         record = not whole_module and bool(arch and arch.get("transforms"))
+        if record and target.suffix == ".safetensors":
+            raise UsageError(f"`output` {target}: this folded model is not the factory's "
+                             "architecture (it records transforms) and is written as a wsconvert "
+                             "checkpoint (.pt), not safetensors")
         result.architecture = _architecture(arch, whole_module, record)
         sets = None
         if onnx_path is not None:
@@ -537,10 +552,10 @@ def fold_and_export(checkpoint: PathLike, output: PathLike | None = None, *,
         with progress("save"):
             model_out = folded.model
             if record:
-                payload: Any = ws_payload(model_out)
+                save_bytes(ws_payload(model_out), outputs.stage(target))
             else:
-                payload = model_out if whole_module else model_out.state_dict()
-            save_bytes(payload, outputs.stage(target))
+                save_weights(model_out if whole_module else model_out.state_dict(),
+                             outputs.stage(target))
             outputs.commit()
     if plan is not None and result.parity is not None and sets is not None:
         save_failing_stage(plan, result.parity, sets)

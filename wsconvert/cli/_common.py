@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import re
 import signal
 import sys
 import threading
@@ -22,18 +21,20 @@ from rich.markup import escape as rich_escape
 
 from wsconvert import defaults
 from wsconvert.cli._errors import cli_text
-from wsconvert.errors import ConversionError, WsconvertError
+from wsconvert.errors import ConversionError, WsconvertError, strip_ansi
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 DEBUG_ENV = "WSCONVERT_DEBUG"
 
-CheckpointArg = Annotated[Path, typer.Argument(help="Checkpoint file (.pt / .pth / .ckpt).",
+CheckpointArg = Annotated[Path, typer.Argument(help="Checkpoint file (.pt / .pth / .ckpt / "
+                                                    ".safetensors).",
                                                show_default=False)]
 ModelOpt = Annotated[str | None, typer.Option(
     "--model", "-m", metavar="MODULE:FACTORY",
     help="Callable building the architecture, for state-dict checkpoints (runs that module's "
-         "code; the current directory is importable).")]
+         "code; the current directory is importable); or timm:NAME / torchvision:NAME "
+         "(random weights, nothing downloaded).")]
 ModelKwargsOpt = Annotated[str | None, typer.Option(
     "--model-kwargs", metavar="JSON", help="JSON object of keyword arguments for --model.")]
 TrustOpt = Annotated[bool, typer.Option(
@@ -191,13 +192,10 @@ def _naming_input(exc: Exception, kwargs: dict[str, Any]) -> str:
     return f"{path}: {message}"
 
 
-_ANSI = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)|[@-Z\\-_])")
-
-
 def one_line(message: str) -> str:
     """A message as one plain line: colour and other terminal escapes removed, every run of
     whitespace (newlines of multi-line tool output included) one space."""
-    return " ".join(_ANSI.sub("", message).split())
+    return " ".join(strip_ansi(message).split())
 
 
 def _error_line(message: str) -> None:

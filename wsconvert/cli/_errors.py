@@ -51,6 +51,7 @@ FLAGS = {
     "seeds": "--seeds",
     "std": "--std",
     "trust=True": "--trust",
+    "whole_module=True": "--whole-module",
 }
 """Backticked library token -> what the command line shows."""
 

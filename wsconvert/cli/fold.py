@@ -45,7 +45,8 @@ def fold_cmd(
     model: ModelOpt = None,
     model_kwargs: ModelKwargsOpt = None,
     output: Annotated[Path | None, typer.Option(
-        "--output", "-o", help="Folded checkpoint [default: <stem>.folded.pt].",
+        "--output", "-o", help="Folded checkpoint, safetensors if it ends in .safetensors "
+                               "[default: <stem>.folded.pt].",
         show_default=False)] = None,
     whole_module: Annotated[bool, typer.Option(
         "--whole-module", help="Save the pickled module instead of a state dict.")] = False,

@@ -5,6 +5,7 @@ before any work, and all are committed only when every stage succeeded."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import stat
@@ -18,8 +19,19 @@ from torch import nn
 
 from wsconvert.errors import OutputExistsError, UsageError
 
-__all__ = ["OutputSet", "Protected", "atomic_output", "check_output", "identity", "save_bytes",
-           "save_state_dict", "write_text"]
+__all__ = [
+    "OutputSet",
+    "Protected",
+    "atomic_output",
+    "check_output",
+    "check_weights_output",
+    "identity",
+    "save_bytes",
+    "save_safetensors",
+    "save_state_dict",
+    "save_weights",
+    "write_text",
+]
 
 PathLike = str | os.PathLike[str]
 Protected = PathLike | tuple[str, PathLike]
@@ -155,6 +167,65 @@ def save_bytes(obj: Any, tmp: Path) -> None:
         os.fsync(f.fileno())
 
 
+def check_weights_output(path: PathLike, *, whole_module: bool = False) -> None:
+    """A ``.safetensors`` output holds a state dict (tensors only), never a pickled module.
+
+    Raises:
+        UsageError: ``whole_module`` with a ``.safetensors`` path.
+    """
+    if whole_module and Path(path).suffix == ".safetensors":
+        raise UsageError(f"{path}: a .safetensors file holds tensors only, not a whole module; "
+                         "drop `whole_module=True` or write a .pt file")
+
+
+def save_safetensors(state: Mapping[str, Any], tmp: Path) -> None:
+    """Write a state dict as safetensors: ``format: pt`` and the state dict's ``_metadata`` (as
+    JSON, see :data:`wsconvert.io.safe.SAFETENSORS_METADATA_KEY`) in the header. Tensors that
+    share storage (tied weights) are written as separate copies, as the format requires.
+
+    Raises:
+        UsageError: a value that is not a tensor (``_extra_state`` objects).
+    """
+    from safetensors.torch import save_file
+
+    from wsconvert.io.safe import SAFETENSORS_METADATA_KEY
+
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int]] = set()
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise UsageError(f"{key}: a .safetensors file holds tensors only, not "
+                             f"{type(value).__name__}; write a .pt file")
+        t = value.detach()
+        # Storage-sharing tensors (tied weights, views) would be refused: give each its own.
+        where = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) if t.numel() else (
+            0, 0)
+        if where in seen or not t.is_contiguous():
+            t = t.clone(memory_format=torch.contiguous_format)
+        elif t.numel():
+            seen.add(where)
+        tensors[key] = t.cpu()
+    header = {"format": "pt"}
+    metadata = getattr(state, "_metadata", None)
+    if metadata is not None:
+        header[SAFETENSORS_METADATA_KEY] = json.dumps(metadata)
+    save_file(tensors, str(tmp), metadata=header)
+    with tmp.open("rb+") as f:
+        os.fsync(f.fileno())
+
+
+def save_weights(obj: Mapping[str, Any] | nn.Module, staged: Path) -> None:
+    """A folded checkpoint: safetensors when ``staged`` ends in ``.safetensors`` (a state dict
+    only, see :func:`check_weights_output`), ``torch.save`` otherwise."""
+    if staged.suffix == ".safetensors":
+        if isinstance(obj, nn.Module):
+            check_weights_output(staged, whole_module=True)
+        else:
+            save_safetensors(obj, staged)
+    else:
+        save_bytes(obj, staged)
+
+
 def write_text(path: PathLike, text: str) -> Path:
     """Write a report file atomically (replacing an older report)."""
     with atomic_output(path, force=True) as tmp:
@@ -165,9 +236,16 @@ def write_text(path: PathLike, text: str) -> Path:
 def save_state_dict(state: Mapping[str, torch.Tensor] | nn.Module | tuple[torch.Tensor, ...],
                     path: PathLike, *, force: bool = False,
                     protect: Sequence[PathLike] = ()) -> Path:
-    """Write a plain state dict (or a whole module, or a tuple of input tensors) atomically."""
+    """Write a plain state dict (or a whole module, or a tuple of input tensors) atomically; a
+    state dict as safetensors when ``path`` ends in ``.safetensors``."""
+    safetensors = Path(path).suffix == ".safetensors"
+    if safetensors and not isinstance(state, Mapping):
+        check_weights_output(path, whole_module=True)
     with atomic_output(path, force=force, protect=protect) as tmp:
-        save_bytes(state, tmp)
+        if safetensors and isinstance(state, Mapping):
+            save_safetensors(state, tmp)
+        else:
+            save_bytes(state, tmp)
     return Path(path)
 
 

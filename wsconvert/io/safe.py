@@ -1,18 +1,22 @@
 """Reading files with ``torch.load`` safely: ``weights_only`` unless trusted, allowed classes,
-and errors that say what the file is when it is not a checkpoint."""
+and errors that say what the file is when it is not a checkpoint. ``.safetensors`` files are read
+with the ``safetensors`` package (no pickle, so no trust question) as state dicts."""
 
 from __future__ import annotations
 
 import contextlib
 import importlib
 import io
+import json
 import os
 import pickle
 import pickletools
 import stat
+import struct
 import sys
 import warnings
 import zipfile
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +25,21 @@ import torch
 
 from wsconvert.errors import CheckpointError, UntrustedCheckpointError, UsageError
 
-__all__ = ["check_file", "cwd_importable", "is_dangerous", "read_checkpoint", "unsafe_globals"]
+__all__ = [
+    "SAFETENSORS_METADATA_KEY",
+    "check_file",
+    "cwd_importable",
+    "is_dangerous",
+    "is_safetensors",
+    "read_checkpoint",
+    "read_safetensors",
+    "unsafe_globals",
+]
+
+SAFETENSORS_METADATA_KEY = "_metadata"
+"""The safetensors header entry holding a state dict's ``_metadata`` (per-module versions that
+``load_state_dict`` hands to ``_load_from_state_dict``) as JSON; written by
+:func:`wsconvert.io.atomic.save_safetensors`. Other header entries (``format``) are ignored."""
 
 # Globals whose only use in a pickle is running commands or code, reading or writing files, or
 # reaching other globals: never suggested for (nor accepted by) ``allow_classes``.
@@ -204,9 +222,60 @@ def _quiet_warnings() -> Iterator[None]:
         yield
 
 
+def is_safetensors(path: Path) -> bool:
+    """A ``.safetensors`` name, or the format's layout: an 8-byte little-endian header length,
+    then a JSON object (a torch zip starts ``PK``, a legacy pickle ``0x80``)."""
+    if path.suffix == ".safetensors":
+        return True
+    try:
+        with path.open("rb") as f:
+            head = f.read(9)
+        size = path.stat().st_size
+    except OSError:
+        return False
+    if len(head) < 9:
+        return False
+    (length,) = struct.unpack("<Q", head[:8])
+    return 0 < length <= size - 8 and head[8:9] == b"{"
+
+
+def read_safetensors(path: str | os.PathLike[str]) -> OrderedDict[str, torch.Tensor]:
+    """A ``.safetensors`` file as a state dict on the CPU, with its ``_metadata`` restored from
+    the header's :data:`SAFETENSORS_METADATA_KEY` entry when there is one.
+
+    Raises:
+        CheckpointError: missing, empty, corrupt, or a header ``_metadata`` that is not JSON.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    p = Path(path)
+    check_file(p)
+    try:
+        with safe_open(str(p), framework="pt", device="cpu") as f:  # type: ignore[no-untyped-call]
+            header = dict(f.metadata() or {})
+            names = f.keys()  # a safe_open handle is not iterable
+            state: OrderedDict[str, torch.Tensor] = OrderedDict(
+                (key, f.get_tensor(key)) for key in names)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        reason = " ".join(str(exc).split())[:160] or type(exc).__name__
+        raise CheckpointError(f"{p}: not a readable safetensors file ({reason})") from None
+    versions = header.get(SAFETENSORS_METADATA_KEY)
+    if versions is not None:
+        try:
+            metadata = json.loads(versions, object_pairs_hook=OrderedDict)
+        except json.JSONDecodeError:
+            metadata = None
+        if not isinstance(metadata, dict):
+            raise CheckpointError(f"{p}: safetensors header entry "
+                                  f"{SAFETENSORS_METADATA_KEY!r} is not a JSON object")
+        state._metadata = metadata  # type: ignore[attr-defined]
+    return state
+
+
 def read_checkpoint(path: str | os.PathLike[str], *, trust: bool = False,
                     allow_classes: Sequence[str] = ()) -> Any:
-    """``torch.load`` with the safety rules of wsconvert, on the CPU.
+    """``torch.load`` with the safety rules of wsconvert, on the CPU; a safetensors file (by
+    name or content) through :func:`read_safetensors`.
 
     Args:
         path: the file.
@@ -219,6 +288,8 @@ def read_checkpoint(path: str | os.PathLike[str], *, trust: bool = False,
     """
     p = Path(path)
     check_file(p)
+    if is_safetensors(p):
+        return read_safetensors(p)
     if _is_torchscript(p):
         # torch.load would hand it to torch.jit.load: a compiled program, not a checkpoint.
         raise CheckpointError(f"{p}: {_describe_unreadable(p, RuntimeError())}")

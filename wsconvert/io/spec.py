@@ -1,9 +1,16 @@
-"""``MODULE:FACTORY`` model specs: import the callable and build the architecture."""
+"""``MODULE:FACTORY`` model specs: import the callable and build the architecture.
+
+Two short forms name a model of a model zoo, with random weights (the checkpoint provides them;
+nothing is downloaded): ``timm:NAME`` (``timm.create_model(NAME, pretrained=False)``) and
+``torchvision:NAME`` (``torchvision.models.get_model(NAME, weights=None)``). A NAME that is not a
+model of the zoo but an attribute of the package (``timm:create_model``) is the generic form.
+"""
 
 from __future__ import annotations
 
 import importlib
 import json
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -12,11 +19,14 @@ from torch import nn
 from wsconvert.errors import ModelSpecError, UsageError
 from wsconvert.io.safe import cwd_importable
 
-__all__ = ["BUNDLED_FACTORIES", "build_model", "parse_kwargs"]
+__all__ = ["BUNDLED_FACTORIES", "ZOOS", "build_model", "parse_kwargs"]
 
 BUNDLED_FACTORIES = frozenset({"wsconvert.examples.tinynet:build"})
 """wsconvert's own model builders: a checkpoint that records one of these needs no consent to
 rebuild (every other recorded factory does, see :func:`wsconvert.io.wsfile.load_model`)."""
+
+ZOOS = {"timm": "pretrained", "torchvision": "weights"}
+"""Packages with a ``PACKAGE:NAME`` short form, and the keyword that would download weights."""
 
 
 def parse_kwargs(kwargs: Mapping[str, Any] | str | None) -> dict[str, Any]:
@@ -51,6 +61,10 @@ def build_model(spec: str, kwargs: Mapping[str, Any] | str | None = None) -> nn.
         raise ModelSpecError(
             f"`model` wants MODULE:FACTORY (e.g. mypkg.nets:resnet18), got {spec!r}")
     arguments = parse_kwargs(kwargs)
+    if module_name in ZOOS:
+        zoo_model = _build_from_zoo(module_name, attr, arguments, spec)
+        if zoo_model is not None:
+            return zoo_model
     cwd_importable()
     try:
         obj: Any = importlib.import_module(module_name)
@@ -77,4 +91,60 @@ def build_model(spec: str, kwargs: Mapping[str, Any] | str | None = None) -> nn.
             f"`model` {spec} builds a model with lazy (uninitialized) parameters "
             f"({', '.join(lazy[:3])}{' ...' if len(lazy) > 3 else ''}); build it with concrete "
             "sizes (Conv2d instead of LazyConv2d), or run one forward pass in the factory")
+    return model.eval()
+
+
+def _import_zoo(package: str, spec: str) -> Any:
+    try:
+        return importlib.import_module(package)
+    except ModuleNotFoundError as exc:
+        if exc.name != package:
+            raise ModelSpecError(f"`model` {spec}: {package} is installed but needs module "
+                                 f"{exc.name!r}, which is not") from None
+        raise ModelSpecError(f"`model` {spec}: {package} is not installed (pip install "
+                             f"{package}, or wsconvert[compat])") from None
+    except Exception as exc:  # noqa: BLE001 - e.g. torchvision built for another torch
+        reason = " ".join(str(exc).split())[:160]
+        raise ModelSpecError(f"`model` {spec}: {package} cannot be imported "
+                             f"({type(exc).__name__}: {reason}); install the {package} release "
+                             "that matches your torch") from None
+
+
+def _build_from_zoo(package: str, name: str, arguments: dict[str, Any],
+                    spec: str) -> nn.Module | None:
+    """``timm:NAME`` / ``torchvision:NAME``; ``None`` when NAME is not a model of the zoo but an
+    attribute of the package (the generic ``MODULE:FACTORY`` form then applies).
+
+    Raises:
+        ModelSpecError: the package is missing or broken, NAME is neither, or the builder fails.
+        UsageError: ``kwargs`` ask for downloaded weights.
+    """
+    zoo = _import_zoo(package, spec)
+    defaults: dict[str, Any]
+    if package == "timm":
+        known = bool(zoo.is_model(name))
+        builder, defaults = zoo.create_model, {"pretrained": False}
+    else:
+        models = _import_zoo("torchvision.models", spec)
+        known = name in models.list_models()
+        builder, defaults = models.get_model, {"weights": None}
+    if not known:
+        if hasattr(zoo, name.split(".")[0]):
+            return None
+        lister = "timm.list_models()" if package == "timm" else "torchvision.models.list_models()"
+        raise ModelSpecError(f"`model` {spec}: {package} has no model named {name!r} "
+                             f"({lister} lists them)")
+    keyword = ZOOS[package]
+    if arguments.get(keyword) not in (None, False):
+        raise UsageError(f"`model_kwargs` {keyword}={arguments[keyword]!r}: the checkpoint holds "
+                         "the weights; wsconvert never downloads any")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the zoos' deprecation notices
+            model = builder(name, **{**arguments, **defaults})
+    except Exception as exc:  # noqa: BLE001 - the zoo's builders raise many types
+        raise ModelSpecError(f"`model` {spec} failed to build the model: "
+                             f"{type(exc).__name__}: {exc}") from None
+    if not isinstance(model, nn.Module):
+        raise ModelSpecError(f"`model` {spec} returned {type(model).__name__}, not an nn.Module")
     return model.eval()

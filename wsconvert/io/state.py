@@ -118,6 +118,25 @@ def load_state_dict_strict(model: nn.Module, state: Mapping[str, torch.Tensor], 
     except RuntimeError as exc:
         raise CheckpointError(f"{where}: state dict does not fit the model: "
                               f"{str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # noqa: BLE001 - a module's own loader can raise anything
+        reason = " ".join(str(exc).split())[:200]
+        raise CheckpointError(f"{where}: {_refusing_module(model, exc)} refuses the state dict: "
+                              f"{type(exc).__name__}: {reason}") from None
+
+
+def _refusing_module(model: nn.Module, exc: BaseException) -> str:
+    """``layers.0 (MNASNet, torchvision.models.mnasnet)``: the innermost module of ``model``
+    whose ``_load_from_state_dict`` raised (from the traceback), else the model itself."""
+    names = {id(m): name for name, m in model.named_modules()}
+    found: nn.Module = model
+    tb = exc.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        if isinstance(owner, nn.Module) and id(owner) in names:
+            found = owner
+        tb = tb.tb_next
+    cls = type(found)
+    return f"{names[id(found)] or '<root>'} ({cls.__qualname__}, {cls.__module__})"
 
 
 def load_weights_into(model: nn.Module, path: str | os.PathLike[str], *,
