@@ -230,3 +230,18 @@ def test_different_output_structure_is_reported_not_raised(tmp_path: Path) -> No
     assert "output count differs" in report.failures[0].reason
     (loc,) = report.localizations
     assert loc.stage == "export"
+
+
+def test_batchnorm_fused_by_the_exporter_is_named_at_the_bn(tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Conv2d(6, 6, 3), nn.BatchNorm2d(6),
+                        nn.ReLU(), nn.Conv2d(6, 4, 3)).eval()
+    export_onnx(net, tmp_path / "bn.onnx", ExportConfig(((1, 3, 12, 12),)))
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "bn.onnx")).graph.node]
+    assert "BatchNormalization" not in ops  # the exporter's optimizer fused it into the conv
+    _edit_initializer(tmp_path / "bn.onnx", tmp_path / "bad.onnx", "2.weight", 1.01)
+    loc = locate_export(tmp_path / "bad.onnx", net, make_inputs([(1, 3, 12, 12)])[0], atol=1e-4,
+                        rtol=1e-3)
+    d = loc.divergence
+    assert d is not None and d.module == "3" and d.module_type == "BatchNorm2d"
+    assert [op for _, op in d.nodes] == ["Conv"] and "2.weight" in d.initializers
