@@ -88,8 +88,11 @@ def test_scaled_conv_weight_is_named(exported: tuple[nn.Module, nn.Module, Path]
     (located,) = data["located"]
     assert located["divergence"]["module"] == "layer2.0.conv2"
     assert "Conv" in located["divergence"]["onnx_op_types"]
-    failure = ET.fromstring(report.to_junit()).find(".//failure")
+    junit = ET.fromstring(report.to_junit())
+    failure = junit.find(".//failure")
     assert failure is not None and "layer2.0.conv2" in failure.get("message", "")
+    props = {p.get("name"): p.get("value") for p in junit.iterfind(".//property")}
+    assert props["diverges_at"] == "layer2.0.conv2" and "Conv" in props["diverges_at_onnx_ops"]
     assert "first divergence at layer2.0.conv2 (Conv2d)" in report.to_text()
 
 

@@ -207,6 +207,12 @@ class ParityReport:
             loc = self.located(c.stage, c.input_set)
             if loc is not None:
                 detail += "\n" + loc.describe()
+                if loc.divergence is not None:
+                    props = ET.SubElement(case, "properties")
+                    ET.SubElement(props, "property", name="diverges_at",
+                                  value=loc.divergence.module or loc.divergence.where)
+                    ET.SubElement(props, "property", name="diverges_at_onnx_ops", value=",".join(
+                        sorted({op for _, op in loc.divergence.nodes})))
             if c.passed:
                 ET.SubElement(case, "system-out").text = detail
             else:
