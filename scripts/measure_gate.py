@@ -31,7 +31,10 @@ import torch
 BARE = """
 import sys, torch
 from wsconvert.export import _quiet
-from wsconvert.io import load_model
+try:
+    from wsconvert.io import load_model
+except ImportError:  # the layout before wsconvert.io
+    from wsconvert.checkpoint import load_model
 m = load_model(sys.argv[1], sys.argv[2], sys.argv[3]).model.eval()
 x = torch.randn(1, 3, 224, 224)
 with _quiet(), torch.no_grad():
@@ -97,7 +100,11 @@ def prepare(work: Path, name: str) -> tuple[Path, Path]:
     from wsconvert.fold import fold_ws
 
     spec, kwargs = MODELS[name]
-    plain = wsconvert.io.build_model(spec, kwargs)
+    try:
+        from wsconvert.io import build_model
+    except ImportError:  # the layout before wsconvert.io
+        from wsconvert.checkpoint import build_model  # type: ignore[no-redef]
+    plain = build_model(spec, kwargs)
     torch.save(plain.state_dict(), work / f"{name}.pt")
     plain = wsconvert.load_model(work / f"{name}.pt", spec, kwargs).model
     params = sum(p.numel() for p in plain.parameters())
