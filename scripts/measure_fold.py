@@ -10,6 +10,7 @@ bare `torch.onnx.export` of the same folded model.
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -17,9 +18,9 @@ import time
 from pathlib import Path
 
 import torch
+from resnet import resnet50  # scripts/resnet.py, beside this script
 
 import wsconvert
-from wsconvert.examples.resnet import resnet50
 from wsconvert.export import _quiet
 from wsconvert.fold import fold_ws
 from wsconvert.surgery import ws_layers
@@ -31,6 +32,13 @@ def ulps(a: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
     return (a.double() - exact).abs() / spacing
 
 
+def _env() -> dict[str, str]:
+    # The WS checkpoint records the factory `resnet:resnet50`: make this folder importable.
+    here = str(Path(__file__).resolve().parent)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (here, os.environ.get("PYTHONPATH", "")) if p)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", type=Path, default=None)
@@ -39,7 +47,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(2)
     torch.save(resnet50(norm="gn").state_dict(), work / "r50.pt")
-    plain = wsconvert.load_model(work / "r50.pt", "wsconvert.examples.resnet:resnet50",
+    plain = wsconvert.load_model(work / "r50.pt", "resnet:resnet50",
                                  '{"norm": "gn"}').model
     ws = wsconvert.apply_ws(plain, "paper", init="scale").model.eval()
     # Move gains off their init, as fine-tuning would.
@@ -67,7 +75,8 @@ def main() -> None:
     t0 = time.perf_counter()
     proc = subprocess.run([exe, "fold", "r50.ws.pt", "--onnx", "r50.onnx", "--input-shape",
                            "1,3,224,224", "--dynamic-batch", "--report", "r50.parity.json",
-                           "--force"], cwd=work, capture_output=True, text=True)
+                           "--force"], cwd=work, capture_output=True, text=True,
+                          env=_env())
     t_cli = time.perf_counter() - t0
     print(proc.stdout[-1500:], proc.stderr[-500:])
     import json

@@ -1,10 +1,20 @@
+"""Shared fixtures: a user's model module on disk (``nets_dir``, ``net_state``) and the one CLI
+harness (``cli``)."""
+
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
+
+from wsconvert.cli.app import app
 
 # A user's model file: importable by MODULE:FACTORY from the directory the CLI runs in.
 NETS_SOURCE = '''
@@ -87,3 +97,60 @@ def net_state(nets_dir: Path) -> Path:
     path = nets_dir / "net.pt"
     torch.save(model.state_dict(), path)
     return path
+
+
+class Cli:
+    """The one CLI harness.
+
+    ``run`` goes through the installed ``wsconvert`` entry point in a subprocess, as a user types
+    it; ``in_process=True`` runs the same Typer app in this process (for the hundreds of quick
+    bad-input cases of the hardening tests). Both return a ``CompletedProcess``.
+    """
+
+    exe = shutil.which("wsconvert", path=str(Path(sys.executable).parent)) or "wsconvert"
+
+    def run(self, *args: str | Path, cwd: Path | None = None,
+            in_process: bool = False) -> subprocess.CompletedProcess[str]:
+        argv = [str(a) for a in args]
+        if in_process:
+            result = CliRunner().invoke(app, argv, env={"COLUMNS": "200"})
+            if result.exception is not None and not isinstance(result.exception, SystemExit):
+                raise AssertionError(f"uncaught {type(result.exception).__name__}: "
+                                     f"{result.exception}")
+            return subprocess.CompletedProcess(argv, result.exit_code, result.stdout,
+                                               result.stderr)
+        env = {k: v for k, v in os.environ.items() if k != "WSCONVERT_DEBUG"}
+        env["COLUMNS"] = "200"
+        return subprocess.run([self.exe, *argv], capture_output=True, text=True, cwd=cwd,
+                              env=env, timeout=300)
+
+    def invoke(self, *args: str | Path) -> tuple[int, str, str]:
+        """In process: ``(exit code, stdout, stderr)``."""
+        proc = self.run(*args, in_process=True)
+        return proc.returncode, proc.stdout, proc.stderr
+
+    @staticmethod
+    def one_line_error(proc: subprocess.CompletedProcess[str], code: int, *needles: str) -> None:
+        """Exit ``code`` with one ``error:`` line on stderr holding every needle."""
+        assert proc.returncode == code, (proc.stdout, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1, proc.stderr
+        assert lines[0].startswith("error: ")
+        assert "Traceback" not in proc.stderr
+        for needle in needles:
+            assert needle in lines[0], lines[0]
+
+    def assert_bad(self, args: list[str | Path], *needles: str, cwd: Path) -> None:
+        """In process: exit 2, one error line holding the needles, nothing written in ``cwd``."""
+        before = {p.name for p in cwd.iterdir()}
+        self.one_line_error(self.run(*args, in_process=True), 2, *needles)
+        assert {p.name for p in cwd.iterdir()} == before, "an output file was written"
+
+    @staticmethod
+    def sha(path: Path) -> str:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="session")
+def cli() -> Cli:
+    return Cli()

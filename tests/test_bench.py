@@ -137,7 +137,7 @@ def test_cli_bench_json_end_to_end() -> None:
 
 def test_cli_bench_checkpoint_table(tmp_path: Path) -> None:
     ws = apply_ws(_user_net(), "bit").model
-    from wsconvert.checkpoint import save
+    from wsconvert.io.wsfile import save
 
     save(ws, tmp_path / "m.ws.pt")
     proc = _cli("bench", str(tmp_path / "m.ws.pt"), "--input-shape", "3,8,8", "--batch-sizes",

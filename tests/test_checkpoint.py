@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import wsconvert
-from wsconvert.checkpoint import load_model, save_state_dict
 from wsconvert.errors import (
     CheckpointError,
     ModelSpecError,
@@ -18,6 +17,8 @@ from wsconvert.errors import (
     UntrustedCheckpointError,
     UsageError,
 )
+from wsconvert.io.atomic import save_state_dict
+from wsconvert.io.wsfile import load_model
 
 
 def _x() -> torch.Tensor:
@@ -57,7 +58,7 @@ def test_key_mismatches_are_listed(net_state: Path) -> None:
 
 
 def test_factory_errors(net_state: Path) -> None:
-    with pytest.raises(UsageError, match="--model MODULE:FACTORY"):
+    with pytest.raises(UsageError, match="`model` MODULE:FACTORY"):
         load_model(net_state)
     with pytest.raises(ModelSpecError, match="MODULE:FACTORY"):
         load_model(net_state, "wsnets")
@@ -76,7 +77,7 @@ def test_pickled_module_needs_trust(nets_dir: Path) -> None:
 
     path = nets_dir / "whole.pt"
     torch.save(wsnets.build(), path)
-    with pytest.raises(UntrustedCheckpointError, match=r"wsnets\.Net.*--trust"):
+    with pytest.raises(UntrustedCheckpointError, match=r"wsnets\.Net.*`trust=True`"):
         load_model(path)
     loaded = load_model(path, trust=True)
     assert loaded.source == "module"

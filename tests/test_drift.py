@@ -1,29 +1,21 @@
-"""Drift figures against independent computations, BN calibration, probes, and the CLI."""
+"""Drift figures against independent computations, BN calibration, probes (the CLI side is in
+tests/cli/test_apply.py)."""
 
 from __future__ import annotations
 
-import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from test_cli import EXE, one_line_error, run
 from torch import Tensor, nn
 
-import wsconvert
-from wsconvert.drift import (
-    DRIFT_THRESHOLD,
-    ProbeSource,
-    calibrate_bn,
-    check_drift,
-    infer_input_shape,
-    load_inputs,
-    measure_drift,
-    parse_input_shape,
-)
+from wsconvert.calibration import calibrate_bn
+from wsconvert.defaults import DRIFT_THRESHOLD, PROBE_BATCH, PROBE_SPATIAL
+from wsconvert.drift import check_drift, measure_drift
 from wsconvert.errors import ConversionError, UsageError
+from wsconvert.io.inputs import infer_input_shape, parse_shapes, sample_tensors
+from wsconvert.probes import ProbeSource
 from wsconvert.surgery import apply_ws
 
 
@@ -149,23 +141,23 @@ def test_calibration_reduces_drift_on_real_samples(tmp_path: Path) -> None:
 
 
 def test_probe_shapes_and_files(tmp_path: Path) -> None:
-    assert parse_input_shape("1,3,224,224") == ((1, 3, 224, 224),)
-    assert parse_input_shape("2,4,9;2,2,3,5,5") == ((2, 4, 9), (2, 2, 3, 5, 5))
+    assert parse_shapes("1,3,224,224") == ((1, 3, 224, 224),)
+    assert parse_shapes("2,4,9;2,2,3,5,5") == ((2, 4, 9), (2, 2, 3, 5, 5))
     for bad in ("", "1,a", "0,3"):
         with pytest.raises(UsageError):
-            parse_input_shape(bad)
-    assert infer_input_shape(_net()) == (8, 3, 64, 64)
-    assert infer_input_shape(nn.Conv3d(2, 3, 1), batch=2) == (2, 2, 16, 16, 16)
-    with pytest.raises(UsageError, match="--input-shape"):
+            parse_shapes(bad)
+    assert infer_input_shape(_net(), PROBE_BATCH, PROBE_SPATIAL) == (8, 3, 64, 64)
+    assert infer_input_shape(nn.Conv3d(2, 3, 1), 2, PROBE_SPATIAL) == (2, 2, 16, 16, 16)
+    with pytest.raises(UsageError, match="`input_shape`"):
         infer_input_shape(nn.Linear(2, 2))
     np.savez(tmp_path / "s.npz", x=np.ones((5, 3, 4, 4), dtype=np.float32))
-    (x,) = load_inputs(tmp_path / "s.npz")
+    (x,) = sample_tensors(tmp_path / "s.npz")
     assert x.shape == (5, 3, 4, 4)
     torch.save((torch.zeros(3, 2), torch.ones(3, 4)), tmp_path / "pair.pt")
-    assert [t.shape[1] for t in load_inputs(tmp_path / "pair.pt")] == [2, 4]
+    assert [t.shape[1] for t in sample_tensors(tmp_path / "pair.pt")] == [2, 4]
     torch.save((torch.zeros(3, 2), torch.ones(2, 4)), tmp_path / "bad.pt")
     with pytest.raises(UsageError, match="disagree"):
-        load_inputs(tmp_path / "bad.pt")
+        sample_tensors(tmp_path / "bad.pt")
     source = ProbeSource(samples=(torch.arange(5.0)[:, None],), batch_size=2)
     assert source.batch(2)[0].flatten().tolist() == [4.0, 0.0]  # cycles
     assert source.drift_batches() == 3
@@ -176,70 +168,7 @@ def test_probe_shapes_and_files(tmp_path: Path) -> None:
 
 def test_forward_failure_is_a_usage_error() -> None:
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)).eval()
-    with pytest.raises(UsageError, match="--input-shape"):
+    with pytest.raises(UsageError, match="`input_shape`"):
         check_drift(net, apply_ws(net).model, ProbeSource.for_model(net))
     ok = check_drift(net, apply_ws(net).model, ProbeSource.for_model(net, "2,3,8,8"))
     assert ok.before.samples == 4
-
-
-# ---------------------------------------------------------------------------- CLI
-
-
-def test_cli_apply_norm_gn_json(net_state: Path) -> None:
-    cwd = net_state.parent
-    proc = run("apply", net_state, "-m", "wsnets:build", "--norm", "gn", "--groups", "3",
-               "--input-shape", "2,3,10,10", "--json", cwd=cwd)
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads(proc.stdout)
-    norms = report["norm"]
-    assert norms["mode"] == "gn" and norms["swapped"] == 1 and norms["rule"] == "fx"
-    (bn,) = norms["norms"]
-    assert (bn["name"], bn["groups"], bn["follows"]) == ("bn", 2, "stem")
-    assert "not divisible by 3" in bn["reason"]
-    drift = report["drift"]
-    assert drift["before"]["samples"] == 4 and drift["after"] is None
-    assert drift["before"]["layers"][0]["name"] == "stem"
-    assert {r["name"]: r["converted_kind"] for r in drift["before"]["layers"]}["bn"] == "GroupNorm"
-    assert drift["large"] and "GroupNorm swap" in drift["suggestion"]
-    model = wsconvert.load(net_state.with_name("net.ws.pt"))
-    assert isinstance(model.bn, nn.GroupNorm) and model.bn.num_groups == 2
-
-
-def test_cli_calibrate_with_inputs_and_human_output(net_state: Path) -> None:
-    cwd = net_state.parent
-    np.savez(cwd / "probe.npz", x=np.random.default_rng(0).normal(size=(6, 3, 8, 8))
-             .astype(np.float32))
-    proc = run("apply", net_state, "-m", "wsnets:build", "--calibrate", "3", "--inputs",
-               "probe.npz", "--json", cwd=cwd)
-    assert proc.returncode == 0, proc.stderr
-    drift = json.loads(proc.stdout)["drift"]
-    assert drift["calibration"]["layers"] == ["bn"] and drift["calibration"]["samples"] == 18
-    assert drift["after"]["output_relative"] != drift["before"]["output_relative"]
-    proc = run("apply", net_state, "-m", "wsnets:build", "--norm", "gn", "-o", "h.pt", cwd=cwd)
-    assert proc.returncode == 0, proc.stderr
-    assert "BatchNorm -> GroupNorm" in proc.stdout and "drift" in proc.stdout
-    assert "1 BatchNorm(s) swapped to GroupNorm" in proc.stdout
-
-
-def test_cli_errors_and_skips(net_state: Path) -> None:
-    cwd = net_state.parent
-    one_line_error(run("apply", net_state, "-m", "wsnets:build", "--norm", "gn", "--calibrate",
-                       "2", cwd=cwd), 2, "--norm keep")
-    one_line_error(run("apply", net_state, "-m", "wsnets:build", "--norm", "bn", cwd=cwd), 2,
-                   "--norm")
-    one_line_error(run("apply", net_state, "-m", "wsnets:build", "--input-shape", "2,5,8,8",
-                       cwd=cwd), 2, "forward failed")
-    assert not net_state.with_name("net.ws.pt").exists()
-    # An inferred shape the model rejects only skips the report (mixed takes two inputs).
-    import wsnets  # type: ignore[import-not-found]
-
-    torch.save(wsnets.mixed().state_dict(), cwd / "mixed.pt")
-    proc = run("apply", "mixed.pt", "-m", "wsnets:mixed", "--json", cwd=cwd)
-    assert proc.returncode == 0, proc.stderr
-    assert "forward failed" in json.loads(proc.stdout)["drift"]["skipped"]
-    assert "drift report skipped" in proc.stderr
-    proc = run("apply", "mixed.pt", "-m", "wsnets:mixed", "-o", "m2.pt", "--json",
-               "--input-shape", "2,4,9;2,2,3,5,5", cwd=cwd)
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["drift"]["before"]["samples"] == 4
-    assert subprocess.run([EXE, "apply", "--help"], capture_output=True).returncode == 0

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import foreign_layers as fl
 import pytest
 import torch
-from test_cli import run
 from torch import nn
 
 from wsconvert import apply_ws
@@ -18,6 +18,9 @@ from wsconvert.export import ExportConfig, export_onnx
 from wsconvert.fold import fold_ws
 from wsconvert.foreign import ADAPTERS, Adapter, SamePadConv2d, find_adapter, register_adapter
 from wsconvert.inspection import inspect_model
+
+if TYPE_CHECKING:
+    from conftest import Cli
 from wsconvert.parity import check_parity, make_inputs
 
 EXPECTED = {  # layer -> (adapter, convention, eps) as read from the layer itself
@@ -91,7 +94,7 @@ def test_composer_parametrization_folds_and_unknown_needs_bake() -> None:
     odd = nn.Sequential(nn.Conv2d(3, 4, 3))
     torch.nn.utils.parametrize.register_parametrization(odd[0], "weight", fl.Scale())
     assert inspect_model(odd)[0].ws == "unknown"
-    with pytest.raises(ConversionError, match="--bake-unknown"):
+    with pytest.raises(ConversionError, match="`bake_unknown=True`"):
         fold_ws(odd)
     baked = fold_ws(odd, bake_unknown=True)
     assert baked.folded[0].kind == "baked" and type(baked.model[0]) is nn.Conv2d
@@ -140,19 +143,19 @@ def test_registered_adapter_on_conv1d() -> None:
         ADAPTERS.remove(adapter)
 
 
-def test_cli_inspect_and_fold_a_pickled_foreign_model(tmp_path: Path) -> None:
+def test_cli_inspect_and_fold_a_pickled_foreign_model(cli: Cli, tmp_path: Path) -> None:
     shutil.copy(Path(__file__).with_name("foreign_layers.py"), tmp_path / "foreign_layers.py")
     torch.save(fl.zoo(), tmp_path / "zoo.pt")
-    proc = run("inspect", "zoo.pt", "--trust", "--json", cwd=tmp_path)
+    proc = cli.run("inspect", "zoo.pt", "--trust", "--json", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     layers = {r["name"]: r for r in json.loads(proc.stdout)["layers"]}
     assert layers["a"]["eps"] == 1e-8 and layers["c"]["source"] == "timm ScaledStdConv2d"
-    proc = run("fold", "zoo.pt", "--trust", "--onnx", "zoo.onnx", "--input-shape", "1,3,16,16",
-               "--json", cwd=tmp_path)
+    proc = cli.run("fold", "zoo.pt", "--trust", "--onnx", "zoo.onnx", "--input-shape",
+                   "1,3,16,16", "--json", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     payload = json.loads(proc.stdout)
     assert payload["parity"]["passed"] and len(payload["fold"]["folded"]) == 10
     assert "BatchNormalization" not in payload["onnx"]["op_histogram"]
-    proc = run("check", "zoo.onnx", "--against", "zoo.pt", "--trust", "--json", cwd=tmp_path)
+    proc = cli.run("check", "zoo.onnx", "--against", "zoo.pt", "--trust", "--json", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert list(json.loads(proc.stdout)["parity"]["stages"]) == ["fold", "export"]

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import wsconvert
-from wsconvert.checkpoint import load_model
 from wsconvert.errors import ConversionError, UsageError
+from wsconvert.io.wsfile import load_model
 from wsconvert.norms import choose_groups, swap_norm
 from wsconvert.surgery import apply_ws
 

@@ -16,8 +16,8 @@ from wsconvert import apply_ws
 from wsconvert.errors import CheckpointError, UsageError
 from wsconvert.export import ExportConfig, export_onnx
 from wsconvert.fold import fold_ws
-from wsconvert.parity import make_inputs
-from wsconvert.testing import assert_parity, graph_input_shapes
+from wsconvert.parity import graph_input_shapes, make_inputs
+from wsconvert.testing import assert_parity
 
 
 def _export(model: nn.Module, path: Path, shape: tuple[int, ...], dynamic: bool = False) -> Path:

@@ -14,44 +14,34 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-_EXPORTS = {
-    "apply_ws": "wsconvert.surgery",
-    "ApplyReport": "wsconvert.surgery",
-    "LayerRecord": "wsconvert.surgery",
-    "WeightStandardization": "wsconvert.ws",
-    "accumulate": "wsconvert.ws",
-    "CONVENTIONS": "wsconvert.conventions",
-    "standardize_weight": "wsconvert.conventions",
-    "load": "wsconvert.checkpoint",
-    "save": "wsconvert.checkpoint",
-    "load_model": "wsconvert.checkpoint",
-    "inspect_model": "wsconvert.inspection",
-    "WsconvertError": "wsconvert.errors",
-    "fold_ws": "wsconvert.fold",
-    "FoldReport": "wsconvert.fold",
-    "export_onnx": "wsconvert.export",
-    "ExportConfig": "wsconvert.export",
-    "check_parity": "wsconvert.parity",
-    "make_inputs": "wsconvert.parity",
-    "ParityReport": "wsconvert.parity",
-    "swap_norm": "wsconvert.norms",
-    "NormSwapReport": "wsconvert.norms",
-    "measure_drift": "wsconvert.drift",
-    "check_drift": "wsconvert.drift",
-    "calibrate_bn": "wsconvert.drift",
-    "DriftReport": "wsconvert.drift",
+# The public API: the one list. The TYPE_CHECKING imports below say the same for type checkers;
+# tests/test_api.py checks that the two agree and that every name imports and is documented.
+_API: dict[str, tuple[str, ...]] = {
+    "wsconvert.pipeline": ("convert", "fold_and_export", "gate", "inspect_checkpoint"),
+    "wsconvert.surgery": ("apply_ws", "ApplyReport", "LayerRecord"),
+    "wsconvert.ws": ("WeightStandardization", "accumulate"),
+    "wsconvert.conventions": ("CONVENTIONS", "standardize_weight"),
+    "wsconvert.io.wsfile": ("load", "save", "load_model"),
+    "wsconvert.inspection": ("inspect_model",),
+    "wsconvert.errors": ("WsconvertError",),
+    "wsconvert.fold": ("fold_ws", "FoldReport"),
+    "wsconvert.foreign": ("Adapter", "register_adapter"),
+    "wsconvert.export": ("export_onnx", "ExportConfig"),
+    "wsconvert.parity": ("check_parity", "make_inputs", "ParityReport"),
+    "wsconvert.norms": ("swap_norm", "NormSwapReport"),
+    "wsconvert.drift": ("measure_drift", "check_drift", "DriftReport"),
+    "wsconvert.calibration": ("calibrate_bn",),
+    "wsconvert.probes": ("ProbeSource",),
 }
+_EXPORTS = {name: module for module, names in _API.items() for name in names}
 
 __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:
-    from wsconvert.checkpoint import load as load
-    from wsconvert.checkpoint import load_model as load_model
-    from wsconvert.checkpoint import save as save
+    from wsconvert.calibration import calibrate_bn as calibrate_bn
     from wsconvert.conventions import CONVENTIONS as CONVENTIONS
     from wsconvert.conventions import standardize_weight as standardize_weight
     from wsconvert.drift import DriftReport as DriftReport
-    from wsconvert.drift import calibrate_bn as calibrate_bn
     from wsconvert.drift import check_drift as check_drift
     from wsconvert.drift import measure_drift as measure_drift
     from wsconvert.errors import WsconvertError as WsconvertError
@@ -59,12 +49,22 @@ if TYPE_CHECKING:
     from wsconvert.export import export_onnx as export_onnx
     from wsconvert.fold import FoldReport as FoldReport
     from wsconvert.fold import fold_ws as fold_ws
+    from wsconvert.foreign import Adapter as Adapter
+    from wsconvert.foreign import register_adapter as register_adapter
     from wsconvert.inspection import inspect_model as inspect_model
+    from wsconvert.io.wsfile import load as load
+    from wsconvert.io.wsfile import load_model as load_model
+    from wsconvert.io.wsfile import save as save
     from wsconvert.norms import NormSwapReport as NormSwapReport
     from wsconvert.norms import swap_norm as swap_norm
     from wsconvert.parity import ParityReport as ParityReport
     from wsconvert.parity import check_parity as check_parity
     from wsconvert.parity import make_inputs as make_inputs
+    from wsconvert.pipeline import convert as convert
+    from wsconvert.pipeline import fold_and_export as fold_and_export
+    from wsconvert.pipeline import gate as gate
+    from wsconvert.pipeline import inspect_checkpoint as inspect_checkpoint
+    from wsconvert.probes import ProbeSource as ProbeSource
     from wsconvert.surgery import ApplyReport as ApplyReport
     from wsconvert.surgery import LayerRecord as LayerRecord
     from wsconvert.surgery import apply_ws as apply_ws

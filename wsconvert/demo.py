@@ -3,7 +3,8 @@
 Stages, each timed: fine-tune a short BatchNorm baseline at batch 32 from the bundled pretrained
 TinyNet; ``apply`` (WS + GroupNorm swap, ``--init exact``); fine-tune at batch 2 (the paper's
 micro-batch regime); ``fold`` from the saved WS checkpoint; ONNX export; parity with onnxruntime.
-Every file goes into one directory. The library computes; ``wsconvert demo`` renders.
+Every file goes into one directory. Apply and fold-export-parity are :mod:`wsconvert.pipeline`
+calls, as the commands make them. The library computes; ``wsconvert demo`` renders.
 """
 
 from __future__ import annotations
@@ -17,6 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from wsconvert.examples import EXAMPLE_CHECKPOINT, EXAMPLE_FACTORY, EXAMPLE_INPUT_SHAPE
+from wsconvert.examples.shapes import make_dataset
+from wsconvert.examples.training import accuracy, fine_tune
+from wsconvert.io.atomic import save_state_dict
+from wsconvert.io.wsfile import load, load_model, save
+from wsconvert.pipeline import convert, fold_and_export
 
 __all__ = ["STAGES", "DemoConfig", "DemoResult", "run_demo"]
 
@@ -69,16 +77,6 @@ def run_demo(config: DemoConfig,
     Raises:
         WsconvertError: any stage failing (the demo uses the same checks as the commands).
     """
-    from wsconvert.checkpoint import load, load_model, save, save_state_dict, write_text
-    from wsconvert.examples import EXAMPLE_CHECKPOINT, EXAMPLE_FACTORY
-    from wsconvert.examples.shapes import make_dataset
-    from wsconvert.experiment import accuracy, fine_tune
-    from wsconvert.export import ExportConfig, export_onnx
-    from wsconvert.fold import fold_ws
-    from wsconvert.norms import swap_norm
-    from wsconvert.parity import check_parity, make_inputs
-    from wsconvert.surgery import apply_ws
-
     notify = on_stage or (lambda stage, event: None)
     out = config.out_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -111,13 +109,13 @@ def run_demo(config: DemoConfig,
                                                        force=True)
 
         with stage("apply"):
-            base = load_model(result.files["baseline"], EXAMPLE_FACTORY).model
-            report = apply_ws(base, "paper", init="exact", inplace=True)
-            swapped = swap_norm(report.model, config.groups, inplace=True)
-            result.summaries["apply"] = report.summary()
-            result.summaries["norm"] = swapped.summary()
-            result.accuracy["converted"] = accuracy(swapped.model, xt, yt)
-            result.files["ws"] = save(swapped.model, out / "baseline.ws.pt", force=True)
+            converted = convert(result.files["baseline"], out / "baseline.ws.pt",
+                                model=EXAMPLE_FACTORY, init="exact", norm="gn",
+                                groups=config.groups, drift=False, force=True)
+            result.summaries["apply"] = converted.apply.summary()
+            result.summaries["norm"] = converted.norm.summary() if converted.norm else ""
+            result.accuracy["converted"] = accuracy(converted.model, xt, yt)
+            result.files["ws"] = converted.output
 
         with stage("fine-tune"):
             model = load(result.files["ws"])
@@ -127,27 +125,40 @@ def run_demo(config: DemoConfig,
             result.accuracy["ws_gn_b2"] = accuracy(model, xt, yt)
             result.files["tuned"] = save(model, out / "tuned.ws.pt", force=True)
 
-        with stage("fold"):
-            # From the saved file, as a user's later `wsconvert fold` would.
-            reference = load(result.files["tuned"]).eval()
-            fold = fold_ws(reference)
-            result.summaries["fold"] = fold.summary()
-            result.accuracy["folded"] = accuracy(fold.model, xt, yt)
-            result.files["folded"] = save_state_dict(fold.model.state_dict(),
-                                                     out / "tuned.folded.pt", force=True)
+        # From the saved file, as a user's later `wsconvert fold --onnx` would. The pipeline's
+        # stages map onto the demo's: load + fold, export, gate + the commit of every file.
+        timed = {"load": "fold", "fold": "fold", "export": "export", "gate": "parity",
+                 "save": "parity"}
+        current: list[str] = []
 
-        export_config = ExportConfig(((1, 3, 24, 24),), dynamic_batch=True)
-        with stage("export"):
-            exported = export_onnx(fold.model, out / "tuned.onnx", export_config, force=True)
-            result.op_histogram = exported.op_histogram
-            result.files["onnx"] = exported.path
+        @contextlib.contextmanager
+        def pipeline_stage(name: str) -> Iterator[None]:
+            demo_stage = timed[name]
+            if not current or current[-1] != demo_stage:
+                if current:
+                    notify(current[-1], "done")
+                current.append(demo_stage)
+                notify(demo_stage, "start")
+            t0 = time.perf_counter()
+            yield
+            result.seconds[demo_stage] = round(result.seconds.get(demo_stage, 0.0)
+                                               + time.perf_counter() - t0, 2)
 
-        with stage("parity"):
-            inputs = make_inputs(export_config.input_shapes, seeds=2, batch_sizes=[1, 4])
-            parity = check_parity(exported.path, reference, inputs, folded=fold.model)
-            result.parity = parity
-            result.files["parity_json"] = write_text(out / "parity.json", parity.to_json())
-            result.files["parity_junit"] = write_text(out / "parity.xml", parity.to_junit())
+        shape = ",".join(map(str, EXAMPLE_INPUT_SHAPE))
+        folded = fold_and_export(
+            result.files["tuned"], out / "tuned.folded.pt", onnx=out / "tuned.onnx",
+            input_shape=shape, dynamic_batch=True, report=out / "parity.json",
+            junit=out / "parity.xml", force=True, progress=pipeline_stage)
+        notify(current[-1], "done")
+        result.summaries["fold"] = folded.fold.summary()
+        result.accuracy["folded"] = accuracy(folded.model, xt, yt)
+        result.files["folded"] = folded.output
+        if folded.onnx is not None:
+            result.op_histogram = folded.onnx.op_histogram
+            result.files["onnx"] = folded.onnx.path
+        result.parity = folded.parity
+        result.files["parity_json"] = out / "parity.json"
+        result.files["parity_junit"] = out / "parity.xml"
     finally:
         torch.set_num_threads(threads)
     return result

@@ -1,10 +1,15 @@
-"""Typed errors raised by the library; the CLI maps each to a one-line message and an exit code."""
+"""Typed errors raised by the library; the CLI maps each to a one-line message and an exit code.
+
+Messages name the library's parameters in backticks (`` `input_shape` ``, `` `force=True` ``);
+the CLI shows the matching flag instead (``wsconvert/cli/_errors.py``).
+"""
 
 from __future__ import annotations
 
 __all__ = [
     "CheckpointError",
     "ConversionError",
+    "InputsError",
     "ModelSpecError",
     "OutputExistsError",
     "ParityFailure",
@@ -34,6 +39,10 @@ class CheckpointError(WsconvertError):
 
 class UntrustedCheckpointError(CheckpointError):
     """A checkpoint that would run code when loaded, and ``trust`` was not given."""
+
+
+class InputsError(CheckpointError, UsageError):
+    """A sample-inputs file that cannot be read or does not hold usable inputs."""
 
 
 class ModelSpecError(WsconvertError):

@@ -144,8 +144,8 @@ class ExperimentResult:
 
 
 def _pretrained() -> nn.Module:
-    from wsconvert.checkpoint import load_model
     from wsconvert.examples import EXAMPLE_CHECKPOINT, EXAMPLE_FACTORY
+    from wsconvert.io.wsfile import load_model
 
     return load_model(EXAMPLE_CHECKPOINT, EXAMPLE_FACTORY).model
 

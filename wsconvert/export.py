@@ -10,7 +10,7 @@ import shutil
 import tempfile
 import warnings
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from wsconvert.defaults import EXPORT_SPATIAL
 from wsconvert.errors import OutputExistsError, ParityFailure, UsageError, WsconvertError
+from wsconvert.io.inputs import infer_input_shape, parse_shape, parse_shapes
 
 __all__ = [
     "DEFAULT_SPATIAL",
@@ -31,9 +33,7 @@ __all__ = [
     "parse_shapes",
 ]
 
-# Default input size per conv rank when no --input-shape is given: batch 1, the first conv's
-# input channels, then these spatial sizes (ImageNet-like for 2-D).
-DEFAULT_SPATIAL: dict[int, tuple[int, ...]] = {1: (256,), 2: (224, 224), 3: (16, 112, 112)}
+DEFAULT_SPATIAL = EXPORT_SPATIAL
 MAX_PROTO_BYTES = 2 * 1024**3
 # Ops that, between an initializer and a conv / matmul weight, mean WS (or a norm) is still being
 # computed at run time.
@@ -41,49 +41,6 @@ _WEIGHT_MATH = {"ReduceMean", "ReduceSumSquare", "ReduceSum", "Sqrt", "Div", "Su
                 "Add", "Reciprocal", "BatchNormalization", "InstanceNormalization",
                 "LayerNormalization", "GroupNormalization", "ReduceL2", "Var"}
 _WEIGHT_CONSUMERS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
-
-
-def parse_shape(text: str) -> tuple[int, ...]:
-    """``"1,3,224,224"`` (or ``1x3x224x224``) to a tuple of positive ints.
-
-    Raises:
-        UsageError: malformed.
-    """
-    parts = [p for p in text.replace("x", ",").replace(" ", "").split(",") if p]
-    try:
-        shape = tuple(int(p) for p in parts)
-    except ValueError:
-        raise UsageError(f"--input-shape {text!r}: want comma-separated integers such as "
-                         "1,3,224,224") from None
-    if not shape or any(d <= 0 for d in shape):
-        raise UsageError(f"--input-shape {text!r}: every dimension must be a positive integer")
-    return shape
-
-
-def parse_shapes(values: Sequence[str]) -> tuple[tuple[int, ...], ...]:
-    """One shape per model input, from repeated ``--input-shape`` values and/or ``;``-separated
-    ones (``"8,4,32;8,2,3,8,8"``).
-
-    Raises:
-        UsageError: any shape malformed.
-    """
-    return tuple(parse_shape(part) for value in values for part in value.split(";"))
-
-
-def infer_input_shape(model: nn.Module, batch: int = 1,
-                      spatial: Mapping[int, tuple[int, ...]] | None = None) -> tuple[int, ...]:
-    """``batch``, the first conv's input channels (module order), then the spatial size for its
-    rank from ``spatial`` (default :data:`DEFAULT_SPATIAL`).
-
-    Raises:
-        UsageError: the model has no conv layer to infer from.
-    """
-    sizes = DEFAULT_SPATIAL if spatial is None else spatial
-    for module in model.modules():
-        if isinstance(module, nn.modules.conv._ConvNd):
-            rank = len(module.kernel_size)
-            return (batch, module.in_channels, *sizes[rank])
-    raise UsageError("cannot infer the input shape (no conv layer); pass --input-shape")
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from wsconvert.foreign import (
     known_parametrization,
     parametrization_chains,
 )
+from wsconvert.norms import norm_layers, norms_after
 from wsconvert.surgery import bake_parametrizations, unregister_ws, ws_layers
 from wsconvert.ws import trainable_weight, ws_parametrization
 
@@ -88,8 +89,6 @@ def folded_weight(module: nn.Module) -> torch.Tensor:
 
 def _conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     """(conv, bn) module names where the BN consumes the conv's output and nothing else does."""
-    from wsconvert.norms import norm_layers, norms_after
-
     convs = {name for name, m in model.named_modules() if _is_plain_conv(m)}
     bns = {name for name, m in norm_layers(model)
            if isinstance(m, nn.modules.batchnorm._BatchNorm)}
@@ -100,12 +99,6 @@ def _conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
 
 def _is_plain_conv(module: nn.Module | None) -> bool:
     return isinstance(module, nn.modules.conv._ConvNd) and not module.transposed
-
-
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 def _fold_parametrized(target: nn.Module, report: FoldReport, bake_unknown: bool) -> None:
@@ -128,7 +121,7 @@ def _fold_parametrized(target: nn.Module, report: FoldReport, bake_unknown: bool
         kinds = describe_chains(chains)
         if not bake_unknown:
             raise ConversionError(f"layer {name or '<root>'} carries an unknown parametrization "
-                                  f"({kinds}); pass --bake-unknown to bake its current value")
+                                  f"({kinds}); pass `bake_unknown=True` to bake its current value")
         with torch.no_grad():
             values = {k: getattr(module, k).detach().clone() for k in chains}
         bake_parametrizations(module, values)
@@ -146,7 +139,7 @@ def _fold_foreign(target: nn.Module, report: FoldReport) -> nn.Module:
         if not name:
             target = plain
         else:
-            _set_module(target, name, plain)
+            target.set_submodule(name, plain)
         report.folded.append(FoldRecord(name, "foreign", adapter.name,
                                         f"{convention} eps={eps:g}"
                                         + (", dynamic SAME padding kept"
@@ -201,8 +194,8 @@ def fold_ws(model: nn.Module, *, fuse_bn: bool = False, bake_unknown: bool = Fal
             if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or not bn.track_running_stats:
                 continue
             fused = fuse_conv_bn_eval(cast(nn.Conv2d, conv), bn)
-            _set_module(target, conv_name, fused)
-            _set_module(target, bn_name, nn.Identity())
+            target.set_submodule(conv_name, fused)
+            target.set_submodule(bn_name, nn.Identity())
             report.fused.append(FoldRecord(bn_name, "bn", type(bn).__name__,
                                            f"fused into {conv_name}"))
     return report

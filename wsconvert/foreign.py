@@ -19,11 +19,14 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from wsconvert.conventions import Convention, get_convention, standardize_rows
+from wsconvert.errors import ConversionError
 
 __all__ = [
     "ADAPTERS",
+    "FOREIGN_WS_CLASSES",
     "PARAMETRIZATIONS",
     "Adapter",
     "SamePadConv2d",
@@ -143,6 +146,13 @@ ADAPTERS: list[Adapter] = [
             lambda m: _standardized(m, "paper", float(cast(Any, m).eps))),
 ]
 
+# Layer classes of other libraries that standardize their weight inside forward(): ``apply``
+# refuses them and ``inspect`` reports them even when no adapter matches their attributes.
+FOREIGN_WS_CLASSES = frozenset({
+    "StdConv1d", "StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame",
+    "WeightStandardizedConv2d", "ConvWS2d", "ConvAWS2d",
+})
+
 # Parametrizations (``torch.nn.utils.parametrize``) known to be WS: class name -> convention.
 PARAMETRIZATIONS: dict[str, Callable[[nn.Module], tuple[str, float]]] = {
     # MosaicML Composer's apply_weight_standardization: biased var, eps inside the sqrt.
@@ -152,7 +162,6 @@ PARAMETRIZATIONS: dict[str, Callable[[nn.Module], tuple[str, float]]] = {
 
 def parametrization_chains(module: nn.Module) -> dict[str, list[nn.Module]]:
     """``{tensor name: [parametrization, ...]}`` for a parametrized module (empty otherwise)."""
-    from torch.nn.utils import parametrize
 
     if not parametrize.is_parametrized(module):
         return {}
@@ -206,8 +215,6 @@ def fold_foreign(module: nn.Module, adapter: Adapter) -> nn.Module:
     Raises:
         ConversionError: dynamic 'SAME' padding on a layer that is not 2-D.
     """
-    from wsconvert.errors import ConversionError
-
     conv = cast(nn.Conv2d, module)
     weight = adapter.weight(module).to(conv.weight.dtype)
     same = adapter.dynamic_same(module)

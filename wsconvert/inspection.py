@@ -11,12 +11,13 @@ from torch.nn.utils import parametrize
 
 from wsconvert.conventions import fan_in, to_rows
 from wsconvert.foreign import (
+    FOREIGN_WS_CLASSES,
     describe_chains,
     find_adapter,
     known_parametrization,
     parametrization_chains,
 )
-from wsconvert.surgery import FOREIGN_WS_CLASSES, candidate_layers
+from wsconvert.surgery import candidate_layers
 from wsconvert.ws import trainable_weight, ws_parametrization
 
 __all__ = ["LayerInfo", "inspect_model"]

@@ -31,20 +31,22 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from wsconvert.defaults import GROUPS
 from wsconvert.errors import ConversionError, UsageError
+from wsconvert.io.arch import add_transform
+from wsconvert.surgery import ws_layers
 
 __all__ = [
     "NormRecord",
     "NormSwapReport",
-    "build_with_group_norm",
+    "check_groups",
     "choose_groups",
     "group_norm_from",
     "norm_layers",
+    "norms_after",
+    "restore_group_norm",
     "swap_norm",
 ]
-
-_WRAPPER_FACTORY = "wsconvert.norms:build_with_group_norm"
-_ARCH_ATTR = "_wsconvert_arch"  # where wsconvert.checkpoint keeps the rebuild record
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,7 @@ class NormSwapReport:
 
     model: nn.Module
     norms: list[NormRecord] = field(default_factory=list)
-    groups: int = 32
+    groups: int = GROUPS
     rule: str = "fx"
     trace_error: str = ""
 
@@ -109,6 +111,14 @@ class NormSwapReport:
                 "norms": [r.to_dict() for r in self.norms]}
 
 
+def check_groups(groups: int) -> None:
+    """Raises:
+        UsageError: ``groups`` below 1.
+    """
+    if groups < 1:
+        raise UsageError(f"`groups` must be >= 1, got {groups}")
+
+
 def choose_groups(channels: int, groups: int) -> int:
     """The largest divisor of ``channels`` not above ``groups``.
 
@@ -119,8 +129,7 @@ def choose_groups(channels: int, groups: int) -> int:
         >>> choose_groups(64, 32), choose_groups(48, 32), choose_groups(7, 32)
         (32, 24, 7)
     """
-    if groups < 1:
-        raise UsageError(f"groups must be >= 1, got {groups}")
+    check_groups(groups)
     if channels < 1:
         raise UsageError(f"channels must be >= 1, got {channels}")
     for g in range(min(groups, channels), 0, -1):
@@ -269,8 +278,6 @@ def norms_after(model: nn.Module, layer_names: set[str], norm_names: set[str], *
 
 
 def _ws_names(model: nn.Module) -> set[str]:
-    from wsconvert.surgery import ws_layers
-
     return {name for name, _, _ in ws_layers(model)}
 
 
@@ -286,7 +293,7 @@ def _preceding_layer(model: nn.Module, name: str) -> str:
     return ""
 
 
-def swap_norm(model: nn.Module, groups: int = 32, *, after: Iterable[str] | None = None,
+def swap_norm(model: nn.Module, groups: int = GROUPS, *, after: Iterable[str] | None = None,
               convert_frozen: bool = False, inplace: bool = False) -> NormSwapReport:
     """Replace every BatchNorm that directly follows a WS layer with GroupNorm.
 
@@ -317,8 +324,7 @@ def swap_norm(model: nn.Module, groups: int = 32, *, after: Iterable[str] | None
         >>> [(r.name, r.status, r.groups) for r in report.norms]
         [('1', 'swapped', 24)]
     """
-    if groups < 1:
-        raise UsageError(f"--groups must be >= 1, got {groups}")
+    check_groups(groups)
     target = model if inplace else copy.deepcopy(model)
     ws_names = set(after) if after is not None else _ws_names(target)
     if not ws_names:
@@ -354,7 +360,7 @@ def swap_norm(model: nn.Module, groups: int = 32, *, after: Iterable[str] | None
                                            "lazy layer not initialized yet", prev))
             continue
         gn = group_norm_from(norm, groups)
-        _replace(target, name, gn)
+        target.set_submodule(name, gn)
         notes = []
         if gn.num_groups != groups:
             why = (f"fewer than {groups}" if channels < groups
@@ -365,62 +371,28 @@ def swap_norm(model: nn.Module, groups: int = 32, *, after: Iterable[str] | None
         report.norms.append(NormRecord(name, kind, channels, gn.num_groups, "swapped",
                                        "; ".join(notes), prev))
         swapped[name] = {"groups": gn.num_groups, "eps": gn.eps, "affine": gn.affine}
-    _record_arch(target, swapped)
+    if swapped:
+        add_transform(target, "group_norm", layers=swapped)
     return report
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    parent._modules[child] = new
-
-
-def _record_arch(model: nn.Module, swapped: Mapping[str, dict[str, Any]]) -> None:
-    """Point a factory-built model's rebuild record at :func:`build_with_group_norm`.
-
-    :func:`wsconvert.checkpoint.save` stores the record; loading calls the wrapper factory, which
-    builds the original architecture and swaps the same norms, so the GroupNorm state dict fits.
-    """
-    arch = model.__dict__.get(_ARCH_ATTR)
-    if not swapped or not isinstance(arch, dict) or arch.get("kind") != "factory":
-        return
-    if arch.get("factory") == _WRAPPER_FACTORY:
-        kwargs = dict(arch.get("kwargs") or {})
-        norms = {**dict(kwargs.get("norms") or {}), **swapped}
-        new_kwargs = {**kwargs, "norms": norms}
-    else:
-        new_kwargs = {"factory": arch.get("factory"), "kwargs": dict(arch.get("kwargs") or {}),
-                      "norms": dict(swapped)}
-    model.__dict__[_ARCH_ATTR] = {"kind": "factory", "factory": _WRAPPER_FACTORY,
-                                  "kwargs": new_kwargs}
-
-
-def build_with_group_norm(factory: str, kwargs: Mapping[str, Any] | None = None,
-                          norms: Mapping[str, Mapping[str, Any]] | None = None) -> nn.Module:
-    """Build ``factory``'s model and swap the named BatchNorms to GroupNorm (for reloading).
-
-    This is the ``MODULE:FACTORY`` recorded in checkpoints of GroupNorm-swapped models, so that
-    :func:`wsconvert.checkpoint.load` rebuilds an architecture their state dict fits.
+def restore_group_norm(model: nn.Module, layers: Mapping[str, Mapping[str, Any]]) -> None:
+    """Swap the named BatchNorms to GroupNorm in place, as a checkpoint's ``group_norm``
+    transform records them (so the saved GroupNorm state dict fits the rebuilt model).
 
     Args:
-        factory: the original ``MODULE:FACTORY`` spec.
-        kwargs: its keyword arguments.
-        norms: per dotted norm name, ``{"groups": int, "eps": float, "affine": bool}``.
+        model: the freshly built original architecture.
+        layers: per dotted norm name, ``{"groups": int, "eps": float, "affine": bool}``.
 
     Raises:
-        ModelSpecError: the factory cannot be built.
-        ConversionError: a named norm is missing from the built model.
+        ConversionError: a named norm is missing from the model or is not a BatchNorm.
     """
-    from wsconvert.checkpoint import build_model
-
-    model = build_model(factory, dict(kwargs or {}))
     modules = dict(model.named_modules())
-    for name, spec in (norms or {}).items():
+    for name, spec in layers.items():
         norm = modules.get(name)
         if norm is None or not _is_batchnorm(norm):
             raise ConversionError(f"recorded GroupNorm swap {name!r} is not a BatchNorm of "
-                                  f"{factory}")
+                                  f"{type(model).__name__}")
         gn = group_norm_from(norm, int(spec["groups"]))
         gn.eps = float(spec.get("eps", gn.eps))
-        _replace(model, name, gn)
-    return model.eval()
+        model.set_submodule(name, gn)

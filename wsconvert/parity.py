@@ -24,7 +24,12 @@ from xml.etree import ElementTree as ET
 import torch
 from torch import Tensor, nn
 
+from wsconvert.defaults import GATE_ATOL, GATE_RTOL
 from wsconvert.errors import CheckpointError, UsageError, WsconvertError
+from wsconvert.io.atomic import save_state_dict, write_text
+from wsconvert.io.inputs import InputSet
+from wsconvert.io.inputs import load_inputs as _load_input_sets
+from wsconvert.validate import check_gate_options, parse_batch_sizes
 
 if TYPE_CHECKING:
     from wsconvert.locate import Localization
@@ -38,25 +43,18 @@ __all__ = [
     "ParityReport",
     "check_parity",
     "compare",
+    "graph_input_shapes",
     "load_inputs",
     "make_inputs",
     "onnx_inputs",
     "save_failing_inputs",
 ]
 
-# fp32 defaults; see docs/parity.md for the measurements behind them.
-DEFAULT_ATOL = 1e-4
-DEFAULT_RTOL = 1e-3
+# fp32 defaults (wsconvert.defaults); see docs/parity.md for the measurements behind them.
+DEFAULT_ATOL = GATE_ATOL
+DEFAULT_RTOL = GATE_RTOL
 LOCATE_MODES = ("on_failure", "always", "never")
 LocateMode = Literal["on_failure", "always", "never"]
-
-
-@dataclass(frozen=True)
-class InputSet:
-    """One set of model inputs (one tensor per forward argument)."""
-
-    name: str
-    tensors: tuple[Tensor, ...]
 
 
 @dataclass(frozen=True)
@@ -235,11 +233,9 @@ def make_inputs(shapes: Sequence[tuple[int, ...]], seeds: int = 1,
     Raises:
         UsageError: ``seeds`` < 1 or a batch size < 1.
     """
-    if seeds < 1:
-        raise UsageError("--seeds must be at least 1")
-    batches = list(batch_sizes) if batch_sizes else [None]
-    if any(b is not None and b < 1 for b in batches):
-        raise UsageError("--batch-sizes must be positive integers")
+    check_gate_options(seeds, 0.0, 0.0)
+    sizes = parse_batch_sizes(batch_sizes)
+    batches: list[int | None] = list(sizes) if sizes else [None]
     sets = []
     for seed in range(seeds):
         for b in batches:
@@ -251,30 +247,12 @@ def make_inputs(shapes: Sequence[tuple[int, ...]], seeds: int = 1,
 
 
 def load_inputs(path: str | os.PathLike[str]) -> list[InputSet]:
-    """Real samples from ``.pt`` (a tensor, a tuple / list / dict of tensors, or a list of such
-    tuples for several sets), ``.npz`` (arrays in key order, one set) or ``.npy`` (one tensor).
+    """Real samples from a file: see :func:`wsconvert.io.inputs.load_inputs` for the forms.
 
     Raises:
-        CheckpointError: unreadable or not tensors.
+        InputsError: unreadable or not tensors.
     """
-    from wsconvert.checkpoint import read_inputs_file
-
-    p = Path(path)
-    obj = read_inputs_file(p)
-
-    def as_set(o: Any, name: str) -> InputSet:
-        if isinstance(o, Tensor):
-            return InputSet(name, (o,))
-        if isinstance(o, dict) and all(isinstance(v, Tensor) for v in o.values()):
-            return InputSet(name, tuple(o.values()))
-        if isinstance(o, tuple | list) and o and all(isinstance(v, Tensor) for v in o):
-            return InputSet(name, tuple(o))
-        raise CheckpointError(f"{p}: inputs must be tensors, a tuple/dict of tensors, or a list "
-                              "of those")
-
-    if isinstance(obj, list) and obj and all(isinstance(o, tuple | dict) for o in obj):
-        return [as_set(o, f"{p.stem}[{i}]") for i, o in enumerate(obj)]
-    return [as_set(obj, p.stem)]
+    return _load_input_sets(path)
 
 
 def save_failing_inputs(report: ParityReport, inputs: Sequence[InputSet],
@@ -283,8 +261,6 @@ def save_failing_inputs(report: ParityReport, inputs: Sequence[InputSet],
     failing = {c.input_set for c in report.failures}
     if not failing:
         return []
-    from wsconvert.checkpoint import save_state_dict, write_text
-
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     written = [save_state_dict(s.tensors, d / f"{s.name}.pt", force=True)
@@ -482,6 +458,33 @@ def onnx_inputs(path: str | os.PathLike[str]) -> list[tuple[str, list[int | str]
     return result
 
 
+def graph_input_shapes(onnx_path: str | os.PathLike[str],
+                       input_shape: str | Sequence[str] | None = None) -> tuple[
+                           list[tuple[int, ...]], bool]:
+    """The shapes to check (``input_shape`` parsed, else the graph's with a symbolic batch as 1)
+    and whether the graph's batch is dynamic.
+
+    Raises:
+        CheckpointError: not a readable ONNX file.
+        UsageError: a malformed ``input_shape``, or a symbolic dimension other than the batch.
+    """
+    from wsconvert.io.inputs import parse_shapes
+
+    graph_inputs = onnx_inputs(onnx_path)
+    dynamic = bool(graph_inputs) and all(isinstance(dims[0], str) for _, dims in graph_inputs
+                                         if dims)
+    if input_shape:
+        return list(parse_shapes(input_shape)), dynamic
+    shapes = []
+    for name, dims in graph_inputs:
+        concrete = [1 if i == 0 and isinstance(d, str) else d for i, d in enumerate(dims)]
+        if any(isinstance(d, str) for d in concrete):
+            raise UsageError(f"{onnx_path}: input {name} has symbolic dims {dims}; pass "
+                             "`input_shape`")
+        shapes.append(tuple(int(d) for d in concrete))
+    return shapes, dynamic
+
+
 def _onnx_session(path: Path) -> Any:
     import onnxruntime as ort
 
@@ -528,12 +531,8 @@ def check_parity(onnx_path: str | os.PathLike[str], reference: nn.Module,
         ... # doctest: +SKIP
         >>> sys.exit(0 if report.passed() else 1)                   # doctest: +SKIP
     """
-    if not (atol >= 0 and rtol >= 0):
-        raise UsageError("atol and rtol must be >= 0")
-    if min_top1_agreement is not None and not 0 <= min_top1_agreement <= 1:
-        raise UsageError(f"min_top1_agreement {min_top1_agreement:g}: want a share in [0, 1]")
-    if locate not in LOCATE_MODES:
-        raise UsageError(f"locate {locate!r}: want one of {', '.join(LOCATE_MODES)}")
+    check_gate_options(1, atol, rtol)
+    check_locate_options(min_top1_agreement, locate)
     path = Path(onnx_path)
     graph_inputs = onnx_inputs(path)
     session = _onnx_session(path)
@@ -565,12 +564,22 @@ def check_parity(onnx_path: str | os.PathLike[str], reference: nn.Module,
             raise UsageError(f"onnxruntime rejected input set {s.name}: {msg[:200]}") from None
         _compare_all(report, "export", s.name, base, [torch.from_numpy(o) for o in outs])
     if min_top1_agreement is not None and not any(c.classifier for c in report.comparisons):
-        raise UsageError("min_top1_agreement: no output is classifier-like (2-D, more than one "
+        raise UsageError("`min_top1_agreement`: no output is classifier-like (2-D, more than one "
                          "class)")
     if locate == "always" or (locate == "on_failure" and not report.passed()):
         report.localizations = locate_stages(report, path, reference, inputs, folded,
                                              strict=report.passed())
     return report
+
+
+def check_locate_options(min_top1_agreement: float | None, locate: str) -> None:
+    """Raises:
+        UsageError: ``min_top1_agreement`` outside [0, 1], or an unknown ``locate`` mode.
+    """
+    if min_top1_agreement is not None and not 0 <= min_top1_agreement <= 1:
+        raise UsageError(f"`min_top1_agreement` {min_top1_agreement:g}: want a share in [0, 1]")
+    if locate not in LOCATE_MODES:
+        raise UsageError(f"`locate` {locate!r}: want one of {', '.join(LOCATE_MODES)}")
 
 
 def locate_stages(report: ParityReport, onnx_path: Path, reference: nn.Module,

@@ -19,6 +19,12 @@ from torch.nn.utils import parametrize
 
 from wsconvert.conventions import fan_in, get_convention
 from wsconvert.errors import ConversionError, UsageError
+from wsconvert.foreign import (
+    FOREIGN_WS_CLASSES,
+    PARAMETRIZATIONS,
+    find_adapter,
+    parametrization_chains,
+)
 from wsconvert.ws import (
     INIT_MODES,
     WeightStandardization,
@@ -28,7 +34,6 @@ from wsconvert.ws import (
 )
 
 __all__ = [
-    "FOREIGN_WS_CLASSES",
     "ApplyReport",
     "LayerRecord",
     "apply_ws",
@@ -40,11 +45,6 @@ __all__ = [
     "ws_layers",
 ]
 
-# Layer classes of other libraries that standardize their weight inside forward().
-FOREIGN_WS_CLASSES = frozenset({
-    "StdConv1d", "StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame",
-    "WeightStandardizedConv2d", "ConvWS2d", "ConvAWS2d",
-})
 
 
 @dataclass(frozen=True)
@@ -129,8 +129,6 @@ def _kind(module: nn.Module) -> str:
 
 
 def _foreign(module: nn.Module) -> bool:
-    from wsconvert.foreign import PARAMETRIZATIONS, find_adapter, parametrization_chains
-
     if find_adapter(module) is not None:
         return True
     return any(type(p).__name__ in PARAMETRIZATIONS

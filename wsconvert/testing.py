@@ -18,68 +18,42 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from wsconvert.errors import ConversionError, UsageError
+from wsconvert._gate import GatePlan, fold_reference, gate_inputs
+from wsconvert.defaults import GATE_ATOL, GATE_RTOL, GATE_SEEDS
+from wsconvert.errors import UsageError
+from wsconvert.io.inputs import InputSet
 from wsconvert.parity import (
-    DEFAULT_ATOL,
-    DEFAULT_RTOL,
-    InputSet,
     LocateMode,
     ParityReport,
+    check_locate_options,
     check_parity,
-    load_inputs,
-    make_inputs,
-    onnx_inputs,
+    graph_input_shapes,
 )
+from wsconvert.validate import check_gate_options, parse_batch_sizes
 
-__all__ = ["DEFAULT_SEEDS", "assert_parity", "graph_input_shapes"]
-
-DEFAULT_SEEDS = 2
-DEFAULT_BATCH_SIZES = (1, 4)
+__all__ = ["assert_parity"]
 
 Shape = Sequence[int]
 
 
-def graph_input_shapes(onnx_path: str | os.PathLike[str]) -> tuple[list[tuple[int, ...]], bool]:
-    """The graph's input shapes (a symbolic batch becomes 1) and whether the batch is dynamic.
-
-    Raises:
-        CheckpointError: not a readable ONNX file.
-        UsageError: a symbolic dimension other than the batch (pass ``input_shape``).
-    """
-    graph_inputs = onnx_inputs(onnx_path)
-    dynamic = _dynamic(graph_inputs)
-    shapes = []
-    for name, dims in graph_inputs:
-        concrete = [1 if i == 0 and isinstance(d, str) else d for i, d in enumerate(dims)]
-        if any(isinstance(d, str) for d in concrete):
-            raise UsageError(f"{onnx_path}: input {name} has symbolic dims {dims}; pass "
-                             "input_shape")
-        shapes.append(tuple(int(d) for d in concrete))
-    return shapes, dynamic
-
-
-def _dynamic(graph_inputs: list[tuple[str, list[int | str]]]) -> bool:
-    return bool(graph_inputs) and all(isinstance(dims[0], str) for _, dims in graph_inputs
-                                      if dims)
-
-
-def _shapes(input_shape: Shape | Sequence[Shape]) -> list[tuple[int, ...]]:
+def _shape_texts(input_shape: Shape | Sequence[Shape]) -> list[str]:
     items: list[Any] = list(input_shape)
     if items and all(isinstance(d, int) for d in items):
-        return [tuple(items)]
-    return [tuple(int(d) for d in s) for s in items]
+        items = [items]
+    return [",".join(str(int(d)) for d in s) for s in items]
 
 
-def _input_sets(inputs: Any) -> list[InputSet]:
+def _input_sets(inputs: Any) -> list[InputSet] | None:
+    """Input sets given in memory; ``None`` for a path (read by the gate's own loader)."""
     if isinstance(inputs, str | os.PathLike):
-        return load_inputs(inputs)
+        return None
     if isinstance(inputs, Tensor):
         return [InputSet("inputs", (inputs,))]
     if isinstance(inputs, tuple) and inputs and all(isinstance(t, Tensor) for t in inputs):
         return [InputSet("inputs", inputs)]
     if isinstance(inputs, Sequence) and inputs and all(isinstance(s, InputSet) for s in inputs):
         return list(inputs)
-    raise UsageError("inputs: want a file path, a tensor, a tuple of tensors (one per model "
+    raise UsageError("`inputs`: want a file path, a tensor, a tuple of tensors (one per model "
                      "input) or a list of InputSet")
 
 
@@ -88,18 +62,18 @@ def _reference(reference: nn.Module | str | os.PathLike[str], model: str | None,
     if isinstance(reference, nn.Module):
         return reference
     if isinstance(reference, str | os.PathLike):
-        from wsconvert.checkpoint import load_model
+        from wsconvert.io.wsfile import load_model
 
-        return load_model(Path(reference), model, model_kwargs).model
-    raise UsageError(f"reference: want an nn.Module or a checkpoint path, got "
+        return load_model(reference, model, model_kwargs).model
+    raise UsageError(f"`reference`: want an nn.Module or a checkpoint path, got "
                      f"{type(reference).__name__}")
 
 
 def assert_parity(onnx_path: str | os.PathLike[str],
                   reference: nn.Module | str | os.PathLike[str], *,
                   input_shape: Shape | Sequence[Shape] | None = None,
-                  inputs: Any = None, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL,
-                  seeds: int = DEFAULT_SEEDS, batch_sizes: Sequence[int] | None = None,
+                  inputs: Any = None, atol: float = GATE_ATOL, rtol: float = GATE_RTOL,
+                  seeds: int = GATE_SEEDS, batch_sizes: Sequence[int] | None = None,
                   min_top1_agreement: float | None = None, model: str | None = None,
                   model_kwargs: dict[str, Any] | str | None = None,
                   locate: LocateMode = "on_failure") -> ParityReport:
@@ -115,9 +89,9 @@ def assert_parity(onnx_path: str | os.PathLike[str],
             :func:`wsconvert.load_model`; a state dict needs ``model="MODULE:FACTORY"``).
         input_shape: one shape, or one per model input; default: read from the graph (a
             symbolic batch becomes 1).
-        inputs: real samples instead of random ones: an inputs file (``.pt`` / ``.npz`` /
-            ``.npy``), a tensor, a tuple of tensors (one per model input), or a list of
-            :class:`~wsconvert.parity.InputSet`.
+        inputs: real samples instead of random ones: an inputs file (see
+            :func:`wsconvert.io.inputs.load_inputs`), a tensor, a tuple of tensors (one per
+            model input), or a list of :class:`~wsconvert.io.inputs.InputSet`.
         atol, rtol: elementwise tolerance ``|got - ref| <= atol + rtol * |ref|``.
         seeds: random input sets per batch size.
         batch_sizes: batch sizes to check; default ``(1, 4)`` when the graph's batch is
@@ -136,29 +110,19 @@ def assert_parity(onnx_path: str | os.PathLike[str],
     Example:
         >>> report = assert_parity("model.onnx", "model.ws.pt", atol=1e-5)  # doctest: +SKIP
     """
-    from wsconvert.fold import fold_ws
-
+    check_gate_options(seeds, atol, rtol)
+    check_locate_options(min_top1_agreement, locate)
+    given = None if inputs is None else _input_sets(inputs)
+    plan = GatePlan(seeds, parse_batch_sizes(batch_sizes),
+                    None if inputs is None or given is not None else Path(inputs), atol, rtol,
+                    None, None, None)
+    shapes, dynamic = graph_input_shapes(
+        onnx_path, None if input_shape is None else _shape_texts(input_shape))
     net = _reference(reference, model, model_kwargs).eval()
-    try:
-        fold = fold_ws(net)
-        folded = None if fold.noop else fold.model
-    except ConversionError:  # an unknown parametrization: compare with the ONNX file directly
-        folded = None
-    if inputs is not None:
-        sets = _input_sets(inputs)
-    else:
-        if input_shape is None:
-            shapes, dynamic = graph_input_shapes(onnx_path)
-        else:
-            shapes, dynamic = _shapes(input_shape), _dynamic(onnx_inputs(onnx_path))
-        sizes = list(batch_sizes) if batch_sizes else (list(DEFAULT_BATCH_SIZES) if dynamic
-                                                       else None)
-        if sizes and not dynamic:
-            raise UsageError("batch_sizes needs a graph with a dynamic batch")
-        sets = make_inputs(shapes, seeds, sizes)
+    folded = fold_reference(net)
+    sets = given if given is not None else gate_inputs(plan, shapes, dynamic)
     report = check_parity(onnx_path, net, sets, folded=folded, atol=atol, rtol=rtol,
                           min_top1_agreement=min_top1_agreement, locate=locate)
     if not report.passed():
         raise AssertionError("\n" + report.to_text())
     return report
-

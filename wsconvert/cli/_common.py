@@ -1,4 +1,5 @@
-"""Shared option aliases, the output object and the error-to-exit-code mapping."""
+"""Every option shared by several commands (declared once), the output object, and the
+error-to-exit-code mapping."""
 
 from __future__ import annotations
 
@@ -12,6 +13,11 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape as rich_escape
+
+from wsconvert import defaults
+from wsconvert.cli._errors import cli_text
+from wsconvert.errors import ConversionError, WsconvertError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -32,6 +38,27 @@ AllowClassOpt = Annotated[list[str] | None, typer.Option(
     help="Allow just this class when unpickling (repeatable); everything else stays refused.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")]
+
+# The parity gate's options (``fold --onnx`` and ``check``); defaults from wsconvert.defaults.
+InputShapeOpt = Annotated[list[str] | None, typer.Option(
+    "--input-shape", metavar="N,C,H,W",
+    help="Shape of one model input; repeat the flag, or separate shapes with ';', for several.")]
+SeedsOpt = Annotated[int, typer.Option("--seeds", help="Random input sets per batch size.")]
+BatchSizesOpt = Annotated[str | None, typer.Option(
+    "--batch-sizes", metavar="1,4",
+    help="Batch sizes to check when the batch is dynamic [default: "
+         f"{','.join(map(str, defaults.GATE_BATCH_SIZES))}].", show_default=False)]
+InputsOpt = Annotated[Path | None, typer.Option(
+    "--inputs", help="Real samples (.pt / .npz) instead of random inputs.", show_default=False)]
+AtolOpt = Annotated[float, typer.Option("--atol", help="Absolute tolerance.")]
+RtolOpt = Annotated[float, typer.Option("--rtol", help="Relative tolerance.")]
+ReportOpt = Annotated[Path | None, typer.Option(
+    "--report", help="Write the parity report as JSON.", show_default=False)]
+JunitOpt = Annotated[Path | None, typer.Option(
+    "--junit", help="Write JUnit XML (one case per output per input set).", show_default=False)]
+SaveFailingOpt = Annotated[Path | None, typer.Option(
+    "--save-failing", metavar="DIR", help="On failure, save the failing inputs here.",
+    show_default=False)]
 
 
 class Output:
@@ -56,6 +83,10 @@ class Output:
     def note(self, message: str) -> None:
         self.err.print(message)
 
+    def warn(self, message: str) -> None:
+        """A non-fatal library observation, in command-line wording."""
+        self.note(f"[yellow]note:[/] {escape(cli_text(message))}")
+
     def status(self, message: str) -> Any:
         return self.err.status(message)
 
@@ -65,8 +96,6 @@ def guarded(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from wsconvert.errors import WsconvertError
-
         try:
             return func(*args, **kwargs)
         except (typer.Exit, typer.Abort):
@@ -74,7 +103,7 @@ def guarded(func: F) -> F:
         except WsconvertError as exc:
             if os.environ.get(DEBUG_ENV):
                 raise
-            _error_line(_naming_input(exc, kwargs))
+            _error_line(cli_text(_naming_input(exc, kwargs)))
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             _error_line("interrupted; no output was written")
@@ -93,8 +122,6 @@ def _naming_input(exc: Exception, kwargs: dict[str, Any]) -> str:
     """Errors name the file they are about. Errors about the model itself (nothing to convert,
     NaN weights, already WS) come from the library without a path: prefix the command's input.
     Every other error already names its file or flag."""
-    from wsconvert.errors import ConversionError
-
     message = str(exc)
     path = kwargs.get("checkpoint") or kwargs.get("against")
     if path is None or not isinstance(exc, ConversionError) or str(path) in message:
@@ -109,6 +136,4 @@ def _error_line(message: str) -> None:
 
 
 def escape(text: object) -> str:
-    from rich.markup import escape as _escape
-
-    return _escape(str(text))
+    return rich_escape(str(text))

@@ -107,7 +107,7 @@ def bench_cmd(
     net = None
     name = None
     if checkpoint is not None:
-        from wsconvert.checkpoint import load_model
+        from wsconvert.io.wsfile import load_model
 
         loaded = load_model(checkpoint, model, model_kwargs, trust=trust,
                             allow_classes=allow_class or ())

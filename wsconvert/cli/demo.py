@@ -7,9 +7,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from wsconvert.cli._common import JsonOpt, Output, escape, guarded
-from wsconvert.cli._gate import fmt
+from wsconvert.cli._render import stage_lines
+from wsconvert.errors import ParityFailure
 
 _LABELS = {
     "baseline": "fine-tune a short BatchNorm baseline (batch 32)",
@@ -37,10 +40,7 @@ def demo_cmd(
     Example:
       wsconvert demo --out-dir /tmp/wsdemo
     """
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-    from rich.table import Table
-
-    from wsconvert.demo import STAGES, DemoConfig, run_demo
+    from wsconvert.demo import STAGES, DemoConfig, run_demo  # imports torch: not on --help
 
     out = Output(as_json)
     work = out_dir or Path(tempfile.mkdtemp(prefix="wsconvert-demo-"))
@@ -71,15 +71,13 @@ def demo_cmd(
     table.add_row("fold", escape(result.summaries["fold"]))
     table.add_row("onnx", escape(", ".join(f"{k} {v}" for k, v in result.op_histogram.items())))
     if result.parity is not None:
-        for stage, s in result.parity.stage_summary().items():
-            table.add_row(f"parity {stage}", f"{s['cases'] - s['failed']}/{s['cases']} within "
-                          f"tolerance, max abs {fmt(s['max_abs'])}, max rel {fmt(s['max_rel'])}")
+        for stage, line in zip(result.parity.stage_summary(), stage_lines(result.parity),
+                               strict=True):
+            table.add_row(f"parity {stage}", line)
     table.add_row("time", ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items()))
     for key, path in result.files.items():
         table.add_row(key, escape(path))
     out.result(table)
     if result.parity is not None and not result.parity.passed():
-        from wsconvert.errors import ParityFailure
-
         raise ParityFailure("demo parity check failed")
     out.result(f"[green]✓[/] demo complete in {escape(work)}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich.table import Table
+
 from wsconvert.cli._common import (
     AllowClassOpt,
     CheckpointArg,
@@ -18,8 +20,6 @@ from wsconvert.cli._common import (
 
 
 def _table(layers: list[dict[str, Any]], title: str) -> Any:
-    from rich.table import Table
-
     table = Table(title=title, title_justify="left")
     for col in ("layer", "kind", "shape", "fan-in", "WS", "max |mean|", "std range"):
         table.add_column(col, justify="right" if col in ("fan-in", "max |mean|") else "left")
@@ -54,19 +54,16 @@ def inspect_cmd(
     Example:
       wsconvert inspect model.ws.pt
     """
-    from wsconvert.checkpoint import load_model
-    from wsconvert.inspection import inspect_model
+    from wsconvert.pipeline import inspect_checkpoint  # imports torch: not on the --help path
 
     out = Output(as_json)
-    loaded = load_model(checkpoint, model, model_kwargs, trust=trust,
-                        allow_classes=allow_class or ())
-    layers = [info.to_dict() for info in inspect_model(loaded.model)]
-    n_ws = sum(1 for r in layers if r["ws"] in ("wsconvert", "foreign", "parametrization"))
-    n_unknown = sum(1 for r in layers if r["ws"] == "unknown")
-    out.data({"input": str(checkpoint), "source": loaded.source, "layers": layers,
-              "ws_layers": n_ws, "unknown_parametrizations": n_unknown})
-    out.result(_table(layers, f"Layers of {escape(checkpoint)} ({loaded.source})"))
-    out.result(f"{len(layers)} conv/linear layer(s), {n_ws} with WS")
-    if n_unknown:
-        out.result(f"[yellow]{n_unknown} layer(s) carry a parametrization that is not known WS: "
-                   "`wsconvert fold` bakes them only with --bake-unknown[/]")
+    result = inspect_checkpoint(checkpoint, model=model, model_kwargs=model_kwargs, trust=trust,
+                                allow_classes=allow_class or ())
+    payload = result.to_dict()
+    out.data(payload)
+    out.result(_table(payload["layers"],
+                      f"Layers of {escape(checkpoint)} ({result.loaded.source})"))
+    out.result(f"{len(result.layers)} conv/linear layer(s), {result.ws_layers} with WS")
+    if result.unknown_parametrizations:
+        out.result(f"[yellow]{result.unknown_parametrizations} layer(s) carry a parametrization "
+                   "that is not known WS: `wsconvert fold` bakes them only with --bake-unknown[/]")

@@ -5,30 +5,34 @@ from __future__ import annotations
 import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnx
 import pytest
 import torch
 from onnx import numpy_helper
-from test_cli import one_line_error, run, sha
 
 import wsconvert
 
+if TYPE_CHECKING:
+    from conftest import Cli
+
 
 @pytest.fixture
-def ws_ckpt(net_state: Path) -> Path:
-    proc = run("apply", net_state, "-m", "wsnets:build", "--convention", "bit", "--init", "scale",
-               cwd=net_state.parent)
+def ws_ckpt(cli: Cli, net_state: Path) -> Path:
+    proc = cli.run("apply", net_state, "-m", "wsnets:build", "--convention", "bit", "--init",
+                   "scale",
+                   cwd=net_state.parent)
     assert proc.returncode == 0, proc.stderr
     return net_state.with_name("net.ws.pt")
 
 
-def test_fold_onnx_check_gate(ws_ckpt: Path) -> None:
+def test_fold_onnx_check_gate(cli: Cli, ws_ckpt: Path) -> None:
     cwd = ws_ckpt.parent
-    before = sha(ws_ckpt)
-    proc = run("fold", ws_ckpt, "--onnx", "net.onnx", "--input-shape", "1,3,16,16",
-               "--dynamic-batch", "--junit", "fold.xml", "--report", "fold.json", "--json",
-               cwd=cwd)
+    before = cli.sha(ws_ckpt)
+    proc = cli.run("fold", ws_ckpt, "--onnx", "net.onnx", "--input-shape", "1,3,16,16",
+                   "--dynamic-batch", "--junit", "fold.xml", "--report", "fold.json", "--json",
+                   cwd=cwd)
     assert proc.returncode == 0, proc.stderr
     payload = json.loads(proc.stdout)
     assert payload["output"] == str(cwd / "net.folded.pt")
@@ -40,19 +44,20 @@ def test_fold_onnx_check_gate(ws_ckpt: Path) -> None:
     assert "Conv" in payload["onnx"]["op_histogram"]
     assert json.loads((cwd / "fold.json").read_text())["passed"] is True
     assert len(ET.parse(cwd / "fold.xml").findall(".//testcase")) == 8
-    assert sha(ws_ckpt) == before
+    assert cli.sha(ws_ckpt) == before
 
     import wsnets  # type: ignore[import-not-found]
 
     plain = wsnets.build()
     plain.load_state_dict(torch.load(cwd / "net.folded.pt", weights_only=True), strict=True)
 
-    proc = run("check", "net.onnx", "--against", ws_ckpt, "--seeds", "3", "--batch-sizes", "2",
-               "--junit", "check.xml", cwd=cwd)
+    proc = cli.run("check", "net.onnx", "--against", ws_ckpt, "--seeds", "3", "--batch-sizes", "2",
+                   "--junit", "check.xml", cwd=cwd)
     assert proc.returncode == 0, proc.stderr
     assert "parity holds" in proc.stdout
-    proc = run("check", "net.onnx", "--against", "net.folded.pt", "-m", "wsnets:build", "--json",
-               cwd=cwd)
+    proc = cli.run("check", "net.onnx", "--against", "net.folded.pt", "-m", "wsnets:build",
+                   "--json",
+                   cwd=cwd)
     assert proc.returncode == 0, proc.stderr
     assert list(json.loads(proc.stdout)["parity"]["stages"]) == ["export"]
 
@@ -63,15 +68,15 @@ def test_fold_onnx_check_gate(ws_ckpt: Path) -> None:
     arr.flat[0] += 0.1
     init.CopyFrom(numpy_helper.from_array(arr, init.name))
     onnx.save(proto, str(cwd / "bad.onnx"))
-    proc = run("check", "bad.onnx", "--against", ws_ckpt, "--json", "--junit", "bad.xml",
-               "--save-failing", "failing", cwd=cwd)
-    one_line_error(proc, 1, "parity fails")
+    proc = cli.run("check", "bad.onnx", "--against", ws_ckpt, "--json", "--junit", "bad.xml",
+                   "--save-failing", "failing", cwd=cwd)
+    cli.one_line_error(proc, 1, "parity fails")
     assert json.loads(proc.stdout)["parity"]["passed"] is False
     assert ET.parse(cwd / "bad.xml").findall(".//failure")
     assert (cwd / "failing" / "report.json").exists()
 
 
-def test_fold_from_training_state_dict(ws_ckpt: Path) -> None:
+def test_fold_from_training_state_dict(cli: Cli, ws_ckpt: Path) -> None:
     cwd = ws_ckpt.parent
     model = wsconvert.load(ws_ckpt)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -79,7 +84,7 @@ def test_fold_from_training_state_dict(ws_ckpt: Path) -> None:
     opt.step()
     torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}},
                cwd / "tuned.pt")
-    proc = run("fold", "tuned.pt", "--from", ws_ckpt, "--json", cwd=cwd)
+    proc = cli.run("fold", "tuned.pt", "--from", ws_ckpt, "--json", cwd=cwd)
     assert proc.returncode == 0, proc.stderr
     import wsnets  # type: ignore[import-not-found]
 
@@ -89,41 +94,37 @@ def test_fold_from_training_state_dict(ws_ckpt: Path) -> None:
     torch.testing.assert_close(plain(x), model.eval()(x), atol=1e-5, rtol=1e-4)
 
 
-def test_fold_plain_model_is_noop(net_state: Path) -> None:
-    proc = run("fold", net_state, "-m", "wsnets:build", cwd=net_state.parent)
+def test_fold_plain_model_is_noop(cli: Cli, net_state: Path) -> None:
+    proc = cli.run("fold", net_state, "-m", "wsnets:build", cwd=net_state.parent)
     assert proc.returncode == 0, proc.stderr
     assert "already plain" in proc.stdout
 
 
-def test_fold_multi_input_model(nets_dir: Path) -> None:
+def test_fold_multi_input_model(cli: Cli, nets_dir: Path) -> None:
     import wsnets  # type: ignore[import-not-found]
 
     torch.save(wsnets.mixed().state_dict(), nets_dir / "mixed.pt")
-    assert run("apply", "mixed.pt", "-m", "wsnets:mixed", "--transposed", "--linear",
-               cwd=nets_dir).returncode == 0
-    proc = run("fold", "mixed.ws.pt", "--onnx", "mixed.onnx", "--input-shape", "2,4,9",
-               "--input-shape", "2,2,3,5,5", "--json", cwd=nets_dir)
+    assert cli.run("apply", "mixed.pt", "-m", "wsnets:mixed", "--transposed", "--linear",
+                   cwd=nets_dir).returncode == 0
+    proc = cli.run("fold", "mixed.ws.pt", "--onnx", "mixed.onnx", "--input-shape", "2,4,9",
+                   "--input-shape", "2,2,3,5,5", "--json", cwd=nets_dir)
     assert proc.returncode == 0, proc.stderr
     payload = json.loads(proc.stdout)
     assert payload["parity"]["passed"] and len(payload["onnx"]["inputs"]) == 2
 
 
-def test_fold_check_bad_input(ws_ckpt: Path) -> None:
+def test_fold_check_bad_input(cli: Cli, ws_ckpt: Path) -> None:
     cwd = ws_ckpt.parent
-    one_line_error(run("check", "missing.onnx", "--against", ws_ckpt, cwd=cwd), 2, "missing.onnx")
+    cli.one_line_error(cli.run("check", "missing.onnx", "--against", ws_ckpt, cwd=cwd), 2,
+                       "missing.onnx")
     (cwd / "junk.onnx").write_bytes(b"\x08\x07" + bytes(range(256)) * 3)
-    one_line_error(run("check", "junk.onnx", "--against", ws_ckpt, cwd=cwd), 2, "junk.onnx")
-    one_line_error(run("apply", "junk.onnx", "-m", "wsnets:build", cwd=cwd), 2, "ONNX model")
-    one_line_error(run("fold", ws_ckpt, "--onnx", "x.onnx", "--input-shape", "1,3,a", cwd=cwd), 2,
-                   "--input-shape")
-    one_line_error(run("fold", ws_ckpt, "--onnx", "x.onnx", "--input-shape", "1,5,8,8",
-                       "--force", cwd=cwd), 2, "does not fit")
+    cli.one_line_error(cli.run("check", "junk.onnx", "--against", ws_ckpt, cwd=cwd), 2, "junk.onnx")
+    cli.one_line_error(cli.run("apply", "junk.onnx", "-m", "wsnets:build", cwd=cwd), 2,
+                       "ONNX model")
+    cli.one_line_error(cli.run("fold", ws_ckpt, "--onnx", "x.onnx", "--input-shape", "1,3,a",
+                               cwd=cwd), 2,
+                       "--input-shape")
+    cli.one_line_error(cli.run("fold", ws_ckpt, "--onnx", "x.onnx", "--input-shape", "1,5,8,8",
+                               "--force", cwd=cwd), 2, "does not fit")
     assert not (cwd / "x.onnx").exists()
     assert not [p for p in cwd.iterdir() if p.name.startswith(".")]
-
-
-def test_cli_gate_defaults_are_the_library_s() -> None:
-    from wsconvert import parity
-    from wsconvert.cli import _gate
-
-    assert (_gate.DEFAULT_ATOL, _gate.DEFAULT_RTOL) == (parity.DEFAULT_ATOL, parity.DEFAULT_RTOL)

@@ -10,38 +10,17 @@ import time
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
-from test_cli import one_line_error, run, sha
 from torch import nn
-from typer.testing import CliRunner
 
 import wsconvert
-from wsconvert.cli.app import app
 from wsconvert.errors import UntrustedCheckpointError
 
-RUNNER = CliRunner()
-
-
-def invoke(*args: str | Path) -> tuple[int, str, str]:
-    result = RUNNER.invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise AssertionError(f"uncaught {type(result.exception).__name__}: {result.exception}")
-    return result.exit_code, result.stdout, result.stderr
-
-
-def assert_bad(args: list[str | Path], *needles: str, cwd: Path) -> None:
-    before = {p.name for p in cwd.iterdir()}
-    code, _, err = invoke(*args)
-    assert code == 2, (args, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    assert {p.name for p in cwd.iterdir()} == before, "an output file was written"
-
+if TYPE_CHECKING:
+    from conftest import Cli
 
 class RunsCode:
     """Unpickling this writes a marker file: the attack an untrusted checkpoint can carry."""
@@ -83,19 +62,19 @@ NEEDLES = {"missing": "no such file", "directory": "directory", "empty": "empty"
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("command", ["apply", "inspect", "fold", "check"])
-def test_unreadable_checkpoint_matrix(net_state: Path, case: str, command: str) -> None:
+def test_unreadable_checkpoint_matrix(cli: Cli, net_state: Path, case: str, command: str) -> None:
     d = net_state.parent
     files = _bad_files(d, net_state)
     path = files[case]
     if command == "check":
         if case == "onnx":  # a checkpoint where an ONNX file is expected
-            assert_bad(["check", net_state, "--against", net_state, "-m", "wsnets:build"],
-                       "net.pt", "ONNX", cwd=d)
+            cli.assert_bad(["check", net_state, "--against", net_state, "-m", "wsnets:build"],
+                           "net.pt", "ONNX", cwd=d)
             return
         args: list[str | Path] = ["check", _good_onnx(d), "--against", path, "-m", "wsnets:build"]
     else:
         args = [command, path, "-m", "wsnets:build"]
-    assert_bad(args, path.name, NEEDLES[case], cwd=d)
+    cli.assert_bad(args, path.name, NEEDLES[case], cwd=d)
 
 
 _ONNX_CACHE: dict[str, bytes] = {}
@@ -117,7 +96,7 @@ def _good_onnx(d: Path) -> Path:
     return path
 
 
-def test_state_dict_and_model_problems(net_state: Path) -> None:
+def test_state_dict_and_model_problems(cli: Cli, net_state: Path) -> None:
     d = net_state.parent
     sd = torch.load(net_state, weights_only=True)
     bad = dict(sd)
@@ -126,35 +105,38 @@ def test_state_dict_and_model_problems(net_state: Path) -> None:
     bad["head.weight"] = torch.zeros(9, 9)
     torch.save(bad, d / "bad.pt")
     for cmd in ("apply", "inspect", "fold"):
-        assert_bad([cmd, "bad.pt", "-m", "wsnets:build"], "bad.pt", "missing (stem.weight)",
-                   "unexpected (bogus)", "mis-shaped", cwd=d)
-        assert_bad([cmd, net_state, "-m", "nope_mod:build"], "cannot import", cwd=d)
-        assert_bad([cmd, net_state, "-m", "wsnets:broken"], "factory exploded", cwd=d)
-        assert_bad([cmd, net_state, "-m", "wsnets:build", "--model-kwargs", "[1]"], "JSON", cwd=d)
+        cli.assert_bad([cmd, "bad.pt", "-m", "wsnets:build"], "bad.pt", "missing (stem.weight)",
+                       "unexpected (bogus)", "mis-shaped", cwd=d)
+        cli.assert_bad([cmd, net_state, "-m", "nope_mod:build"], "cannot import", cwd=d)
+        cli.assert_bad([cmd, net_state, "-m", "wsnets:broken"], "factory exploded", cwd=d)
+        cli.assert_bad([cmd, net_state, "-m", "wsnets:build", "--model-kwargs", "[1]"], "JSON",
+                       cwd=d)
     torch.save(nn.Sequential(nn.Linear(3, 3)).state_dict(), d / "lin.pt")
-    assert_bad(["apply", "lin.pt", "-m", "wsnets:linear_only"], "lin.pt", "no convolution",
-               cwd=d)
+    cli.assert_bad(["apply", "lin.pt", "-m", "wsnets:linear_only"], "lin.pt", "no convolution",
+                   cwd=d)
     nan = dict(sd)
     nan["stem.weight"] = sd["stem.weight"].clone().fill_(float("nan"))
     torch.save(nan, d / "nan.pt")
-    assert_bad(["apply", "nan.pt", "-m", "wsnets:build"], "nan.pt", "NaN", cwd=d)
-    assert invoke("apply", net_state, "-m", "wsnets:build")[0] == 0
+    cli.assert_bad(["apply", "nan.pt", "-m", "wsnets:build"], "nan.pt", "NaN", cwd=d)
+    assert cli.invoke("apply", net_state, "-m", "wsnets:build")[0] == 0
     ws = d / "net.ws.pt"
-    assert_bad(["apply", ws, "-o", "again.pt"], "net.ws.pt", "already has Weight", cwd=d)
-    assert_bad(["fold", ws, "--onnx", "o.onnx", "--input-shape", "1,3,x"], "--input-shape", cwd=d)
-    assert_bad(["fold", ws, "--onnx", "o.onnx", "--input-shape", "1,7,8,8"], "does not fit",
-               cwd=d)
-    assert_bad(["check", _good_onnx(d), "--against", ws, "--input-shape", "1,7,8,8"],
-               "does not fit", cwd=d)
+    cli.assert_bad(["apply", ws, "-o", "again.pt"], "net.ws.pt", "already has Weight", cwd=d)
+    cli.assert_bad(["fold", ws, "--onnx", "o.onnx", "--input-shape", "1,3,x"], "--input-shape",
+                   cwd=d)
+    cli.assert_bad(["fold", ws, "--onnx", "o.onnx", "--input-shape", "1,7,8,8"], "does not fit",
+                   cwd=d)
+    cli.assert_bad(["check", _good_onnx(d), "--against", ws, "--input-shape", "1,7,8,8"],
+                   "does not fit", cwd=d)
     target = "/proc/wsconvert-out.pt" if os.geteuid() == 0 else str(d / "ro" / "x.pt")
     if os.geteuid() != 0:
         (d / "ro").mkdir()
         (d / "ro").chmod(0o500)
-    assert_bad(["apply", net_state, "-m", "wsnets:build", "-o", target, "--force"], "x.pt"
-               if os.geteuid() != 0 else "wsconvert-out.pt", cwd=d)
+    cli.assert_bad(["apply", net_state, "-m", "wsnets:build", "-o", target, "--force"], "x.pt"
+                   if os.geteuid() != 0 else "wsconvert-out.pt", cwd=d)
 
 
-def test_untrusted_pickle_never_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_untrusted_pickle_never_runs(cli: Cli, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     marker = tmp_path / "marker"
     torch.save({"state_dict": {"w": torch.zeros(1)}, "payload": RunsCode(marker)},
@@ -164,7 +146,7 @@ def test_untrusted_pickle_never_runs(tmp_path: Path, monkeypatch: pytest.MonkeyP
     with pytest.raises(UntrustedCheckpointError):
         wsconvert.load(tmp_path / "evil.pt")
     for cmd in ("apply", "inspect", "fold"):
-        one_line_error(run(cmd, "evil.pt", cwd=tmp_path), 2, "builtins.exec", "--trust")
+        cli.one_line_error(cli.run(cmd, "evil.pt", cwd=tmp_path), 2, "builtins.exec", "--trust")
     assert not marker.exists()
     # The payload is real: trusting the file does run it.
     with pytest.raises(Exception):  # noqa: B017 - whatever follows, the code has run
@@ -196,9 +178,9 @@ def _corrupt(data: bytes, rng: random.Random) -> bytes:
     return out.getvalue()
 
 
-def test_fuzz_corrupted_checkpoints(net_state: Path) -> None:
+def test_fuzz_corrupted_checkpoints(cli: Cli, net_state: Path) -> None:
     d = net_state.parent
-    assert invoke("apply", net_state, "-m", "wsnets:build")[0] == 0
+    assert cli.invoke("apply", net_state, "-m", "wsnets:build")[0] == 0
     sources = {"state": net_state.read_bytes(), "ws": (d / "net.ws.pt").read_bytes()}
     rng = random.Random(1234)
     outcomes: dict[int, int] = {}
@@ -206,14 +188,14 @@ def test_fuzz_corrupted_checkpoints(net_state: Path) -> None:
         src = rng.choice(sorted(sources))
         bad = d / f"fuzz{i}.pt"
         bad.write_bytes(_corrupt(sources[src], rng))
-        before = sha(bad)
+        before = cli.sha(bad)
         for cmd in ("apply", "inspect", "fold"):
             out = d / f"fuzz{i}.{cmd}.out"
             args: list[str | Path] = [cmd, bad, "-m", "wsnets:build"]
             if cmd != "inspect":
                 args += ["-o", out]
             t0 = time.perf_counter()
-            code, _, err = invoke(*args)  # raises on any uncaught exception
+            code, _, err = cli.invoke(*args)  # raises on any uncaught exception
             assert time.perf_counter() - t0 < 60, f"case {i} {cmd} took too long"
             assert code in (0, 2), (i, cmd, err)
             assert "Traceback" not in err
@@ -221,39 +203,39 @@ def test_fuzz_corrupted_checkpoints(net_state: Path) -> None:
                 assert len(err.strip().splitlines()) == 1, err
                 assert not out.exists()
             outcomes[code] = outcomes.get(code, 0) + 1
-        assert sha(bad) == before
+        assert cli.sha(bad) == before
         assert not [p for p in d.iterdir() if p.name.startswith(".")], "temp file left behind"
     assert outcomes.get(2, 0) > 300  # most corruptions must be caught, not silently accepted
 
 
-def test_outputs_are_deterministic(net_state: Path) -> None:
+def test_outputs_are_deterministic(cli: Cli, net_state: Path) -> None:
     d = net_state.parent
     for name in ("a.ws.pt", "b.ws.pt"):
-        assert invoke("apply", net_state, "-m", "wsnets:build", "-o", name)[0] == 0
-    assert sha(d / "a.ws.pt") == sha(d / "b.ws.pt")
+        assert cli.invoke("apply", net_state, "-m", "wsnets:build", "-o", name)[0] == 0
+    assert cli.sha(d / "a.ws.pt") == cli.sha(d / "b.ws.pt")
     for name in ("a.f.pt", "b.f.pt"):
-        assert invoke("fold", net_state, "-m", "wsnets:build", "-o", name)[0] == 0
-    assert sha(d / "a.f.pt") == sha(d / "b.f.pt")
-    code, _, err = invoke("fold", net_state, "-m", "wsnets:build", "-o", "c.f.pt", "--onnx",
-                          "n.onnx", "--input-shape", "1,3,8,8", "--no-check")
+        assert cli.invoke("fold", net_state, "-m", "wsnets:build", "-o", name)[0] == 0
+    assert cli.sha(d / "a.f.pt") == cli.sha(d / "b.f.pt")
+    code, _, err = cli.invoke("fold", net_state, "-m", "wsnets:build", "-o", "c.f.pt", "--onnx",
+                              "n.onnx", "--input-shape", "1,3,8,8", "--no-check")
     assert code == 0, err
     onnx_file = d / "n.onnx"
     reports = []
     for name in ("r1.json", "r2.json"):
-        code, _, err = invoke("check", onnx_file, "--against", net_state, "-m", "wsnets:build",
-                              "--report", name)
+        code, _, err = cli.invoke("check", onnx_file, "--against", net_state, "-m", "wsnets:build",
+                                  "--report", name)
         assert code == 0, err
         reports.append((d / name).read_bytes())
     assert reports[0] == reports[1]
 
 
-def test_existing_output_not_overwritten(net_state: Path) -> None:
+def test_existing_output_not_overwritten(cli: Cli, net_state: Path) -> None:
     d = net_state.parent
     (d / "net.ws.pt").write_bytes(b"precious")
-    assert_bad(["apply", net_state, "-m", "wsnets:build"], "already exists", cwd=d)
+    cli.assert_bad(["apply", net_state, "-m", "wsnets:build"], "already exists", cwd=d)
     assert (d / "net.ws.pt").read_bytes() == b"precious"
-    assert_bad(["apply", net_state, "-m", "wsnets:build", "-o", net_state, "--force"],
-               "overwrite the input", cwd=d)
+    cli.assert_bad(["apply", net_state, "-m", "wsnets:build", "-o", net_state, "--force"],
+                   "overwrite the input", cwd=d)
 
 
 def test_torchscript_refused_even_with_trust(tmp_path: Path) -> None:
@@ -263,22 +245,22 @@ def test_torchscript_refused_even_with_trust(tmp_path: Path) -> None:
         wsconvert.load_model(path, trust=True)
 
 
-def test_fold_gate_options_checked_before_writing(net_state: Path) -> None:
+def test_fold_gate_options_checked_before_writing(cli: Cli, net_state: Path) -> None:
     d = net_state.parent
-    assert invoke("apply", net_state, "-m", "wsnets:build", "--no-drift")[0] == 0
+    assert cli.invoke("apply", net_state, "-m", "wsnets:build", "--no-drift")[0] == 0
     ws = d / "net.ws.pt"
     base = ["fold", ws, "-o", "f.pt", "--onnx", "f.onnx", "--input-shape", "1,3,8,8"]
-    assert_bad([*base, "--batch-sizes", "1,4"], "--dynamic-batch", cwd=d)
-    assert_bad([*base, "--seeds", "0"], "--seeds", cwd=d)
-    assert_bad([*base, "--report", "nodir/r.json"], "nodir", cwd=d)
-    assert_bad([*base, "--inputs", "missing.npz"], "missing.npz", cwd=d)
-    assert_bad([*base, "--no-check", "--junit", "j.xml"], "--junit", cwd=d)
-    assert_bad(["fold", net_state, "--from", ws, "-m", "wsnets:build"], "--from", cwd=d)
+    cli.assert_bad([*base, "--batch-sizes", "1,4"], "--dynamic-batch", cwd=d)
+    cli.assert_bad([*base, "--seeds", "0"], "--seeds", cwd=d)
+    cli.assert_bad([*base, "--report", "nodir/r.json"], "nodir", cwd=d)
+    cli.assert_bad([*base, "--inputs", "missing.npz"], "missing.npz", cwd=d)
+    cli.assert_bad([*base, "--no-check", "--junit", "j.xml"], "--junit", cwd=d)
+    cli.assert_bad(["fold", net_state, "--from", ws, "-m", "wsnets:build"], "--from", cwd=d)
 
 
-def test_error_names_the_file_it_is_about(net_state: Path) -> None:
+def test_error_names_the_file_it_is_about(cli: Cli, net_state: Path) -> None:
     d = net_state.parent
-    assert_bad(["check", "missing.onnx", "--against", net_state, "-m", "wsnets:build"],
-               cwd=d)
-    _, _, err = invoke("check", "missing.onnx", "--against", net_state, "-m", "wsnets:build")
+    cli.assert_bad(["check", "missing.onnx", "--against", net_state, "-m", "wsnets:build"],
+                   cwd=d)
+    _, _, err = cli.invoke("check", "missing.onnx", "--against", net_state, "-m", "wsnets:build")
     assert err.startswith("error: missing.onnx: ")

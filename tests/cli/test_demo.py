@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from test_cli import run
 
 import wsconvert
 from wsconvert.examples import EXAMPLE_CHECKPOINT
 
+if TYPE_CHECKING:
+    from conftest import Cli
 
-def test_demo_quick_end_to_end(tmp_path: Path) -> None:
+
+def test_demo_quick_end_to_end(cli: Cli, tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    proc = run("demo", "--quick", "--out-dir", out, "--json", cwd=tmp_path)
+    proc = cli.run("demo", "--quick", "--out-dir", out, "--json", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["parity"]["passed"] is True
@@ -32,9 +35,9 @@ def test_demo_quick_end_to_end(tmp_path: Path) -> None:
     assert "Conv" in result["op_histogram"]
 
 
-def test_demo_never_writes_into_the_package(tmp_path: Path) -> None:
+def test_demo_never_writes_into_the_package(cli: Cli, tmp_path: Path) -> None:
     before = sorted(p.name for p in EXAMPLE_CHECKPOINT.parent.iterdir())
-    proc = run("demo", "--quick", cwd=tmp_path)
+    proc = cli.run("demo", "--quick", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "demo complete in" in proc.stdout and "wsconvert-demo-" in proc.stdout
     assert sorted(p.name for p in EXAMPLE_CHECKPOINT.parent.iterdir()) == before

@@ -67,7 +67,7 @@ class ResNet50(nn.Module):
 
 
 def resnet50(num_classes: int = 1000, norm: str = "bn", seed: int = 0) -> ResNet50:
-    """Seeded ResNet-50; factory for ``--model wsconvert.examples.resnet:resnet50``."""
+    """Seeded ResNet-50; factory for ``--model resnet:resnet50`` (with scripts/ importable)."""
     import torch
 
     torch.manual_seed(seed)

@@ -1,0 +1,110 @@
+"""The parity-gate stage shared by :func:`wsconvert.pipeline.fold_and_export` and
+:func:`wsconvert.pipeline.gate`: plan (check options, claim report files), input sets, run (stage
+the reports), save failing inputs after the commit."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from wsconvert.defaults import GATE_BATCH_SIZES
+from wsconvert.errors import ConversionError, UsageError
+from wsconvert.fold import fold_ws
+from wsconvert.io.atomic import OutputSet
+from wsconvert.io.inputs import InputSet, load_inputs
+from wsconvert.parity import (
+    LocateMode,
+    ParityReport,
+    check_locate_options,
+    check_parity,
+    make_inputs,
+    save_failing_inputs,
+)
+from wsconvert.validate import check_gate_options, parse_batch_sizes
+
+PathLike = str | os.PathLike[str]
+
+
+@dataclass
+class GatePlan:
+    """The gate's checked options."""
+
+    seeds: int
+    batch_sizes: list[int] | None
+    inputs: Path | None
+    atol: float
+    rtol: float
+    report: Path | None
+    junit: Path | None
+    save_failing: Path | None
+    min_top1_agreement: float | None = None
+    locate: LocateMode = "on_failure"
+
+
+def plan_gate(outputs: OutputSet, seeds: int, batch_sizes: str | Sequence[int] | None,
+               inputs: PathLike | None, atol: float, rtol: float, report: PathLike | None,
+               junit: PathLike | None, save_failing: PathLike | None,
+               min_top1_agreement: float | None = None,
+               locate: LocateMode = "on_failure") -> GatePlan:
+    """Check the gate's options and claim its report files, before any work."""
+    check_gate_options(seeds, atol, rtol)
+    check_locate_options(min_top1_agreement, locate)
+    files = {}
+    for name, path in (("report", report), ("junit", junit)):
+        if path is not None and not Path(path).parent.is_dir():
+            raise UsageError(f"`{name}` {path}: directory {Path(path).parent} does not exist")
+        files[name] = None if path is None else outputs.add(path, replace=True)
+    failing = None if save_failing is None else Path(save_failing)
+    if failing is not None and failing.exists() and not failing.is_dir():
+        raise UsageError(f"`save_failing` {failing}: exists and is not a directory")
+    return GatePlan(seeds, parse_batch_sizes(batch_sizes),
+                     None if inputs is None else Path(inputs), atol, rtol, files["report"],
+                     files["junit"], failing, min_top1_agreement, locate)
+
+
+def fold_reference(reference: nn.Module) -> nn.Module | None:
+    """The folded model of a WS reference (ours or another library's), for the ``fold`` stage;
+    ``None`` for a plain reference, or one with an unknown parametrization (the ONNX file is then
+    compared with it directly)."""
+    try:
+        fold = fold_ws(reference)
+    except ConversionError:
+        return None
+    return None if fold.noop else fold.model
+
+
+def gate_inputs(plan: GatePlan, shapes: Sequence[tuple[int, ...]],
+                 dynamic: bool) -> list[InputSet]:
+    if plan.inputs is not None:
+        return load_inputs(plan.inputs)
+    sizes = plan.batch_sizes
+    if sizes and not dynamic:
+        raise UsageError("`batch_sizes` needs a dynamic batch (export with "
+                         "`dynamic_batch=True`)")
+    if dynamic and not sizes:
+        sizes = list(GATE_BATCH_SIZES)
+    return make_inputs(shapes, plan.seeds, sizes)
+
+
+def run_gate(plan: GatePlan, outputs: OutputSet, onnx_path: Path, run_path: Path,
+              reference: nn.Module, folded: nn.Module | None,
+              sets: list[InputSet]) -> ParityReport:
+    """Check parity on ``run_path`` (the ONNX file as written so far), stage the reports."""
+    report = check_parity(run_path, reference, sets, folded=folded, atol=plan.atol,
+                          rtol=plan.rtol, min_top1_agreement=plan.min_top1_agreement,
+                          locate=plan.locate)
+    report.meta["onnx"] = str(onnx_path)
+    if plan.report is not None:
+        outputs.stage(plan.report).write_text(report.to_json())
+    if plan.junit is not None:
+        outputs.stage(plan.junit).write_text(report.to_junit())
+    return report
+
+
+def save_failing(plan: GatePlan, report: ParityReport, sets: list[InputSet]) -> None:
+    if plan.save_failing and save_failing_inputs(report, sets, plan.save_failing):
+        report.meta["failing_inputs_saved_to"] = str(plan.save_failing)

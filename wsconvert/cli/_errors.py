@@ -1,0 +1,48 @@
+"""Library wording -> command-line wording, in one table.
+
+Library messages name parameters in backticks (`` `input_shape` ``, `` `force=True` ``); the CLI
+shows the flag a user types instead. Tokens not in the table are left as they are.
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["FLAGS", "cli_text"]
+
+FLAGS = {
+    "allow_classes": "--allow-class",
+    "allow_classes=[MODULE.CLASS]": "--allow-class MODULE.CLASS",
+    "atol": "--atol",
+    "bake_unknown": "--bake-unknown",
+    "bake_unknown=True": "--bake-unknown",
+    "batch_sizes": "--batch-sizes",
+    "calibrate": "--calibrate",
+    "check=False": "--no-check",
+    "drift=False": "--no-drift",
+    "dynamic_batch=True": "--dynamic-batch",
+    "force=True": "--force",
+    "from_ws": "--from",
+    "groups": "--groups",
+    "input_shape": "--input-shape",
+    "inputs": "--inputs",
+    "junit": "--junit",
+    "model": "--model",
+    "model_kwargs": "--model-kwargs",
+    "norm": "--norm",
+    "norm=keep": "--norm keep",
+    "onnx": "--onnx",
+    "report": "--report",
+    "rtol": "--rtol",
+    "save_failing": "--save-failing",
+    "seeds": "--seeds",
+    "trust=True": "--trust",
+}
+"""Backticked library token -> what the command line shows."""
+
+_TOKEN = re.compile(r"`([^`\s]+)`")
+
+
+def cli_text(message: str) -> str:
+    """``message`` with every known parameter token replaced by its flag."""
+    return _TOKEN.sub(lambda m: FLAGS.get(m.group(1), m.group(0)), message)

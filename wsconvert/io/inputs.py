@@ -1,0 +1,171 @@
+"""Model inputs: shapes given as text or inferred from the first conv, and sample files.
+
+Sample files are read without unpickling: ``.npz`` (arrays in key order) and ``.npy`` (one array)
+through numpy with ``allow_pickle=False``; anything else as a ``weights_only`` checkpoint. The
+object in the file becomes one or more :class:`InputSet`:
+
+* a tensor is one model input; a tuple or list of tensors are positional inputs;
+* a mapping uses its ``inputs`` / ``input`` / ``x`` / ``images`` / ``data`` entry when it has
+  one (so ``{"images": ..., "labels": ...}`` works), else its values in order;
+* a list of tuples / mappings is several input sets.
+
+Every problem with a sample file is an :class:`~wsconvert.errors.InputsError` naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from wsconvert.defaults import EXPORT_SPATIAL
+from wsconvert.errors import CheckpointError, InputsError, UsageError
+from wsconvert.io.safe import check_file, read_checkpoint
+
+__all__ = [
+    "InputSet",
+    "infer_input_shape",
+    "load_inputs",
+    "parse_shape",
+    "parse_shapes",
+    "sample_tensors",
+]
+
+_KEYS = ("inputs", "input", "x", "images", "data")
+
+
+@dataclass(frozen=True)
+class InputSet:
+    """One set of model inputs (one tensor per forward argument)."""
+
+    name: str
+    tensors: tuple[Tensor, ...]
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"1,3,224,224"`` (or ``1x3x224x224``) to a tuple of positive ints.
+
+    Raises:
+        UsageError: malformed.
+    """
+    parts = [p for p in text.replace("x", ",").replace(" ", "").split(",") if p]
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        raise UsageError(f"`input_shape` {text!r}: want comma-separated integers such as "
+                         "1,3,224,224") from None
+    if not shape or any(d <= 0 for d in shape):
+        raise UsageError(f"`input_shape` {text!r}: every dimension must be a positive integer")
+    return shape
+
+
+def parse_shapes(values: str | Sequence[str]) -> tuple[tuple[int, ...], ...]:
+    """One shape per model input, from several values and/or ``;``-separated ones
+    (``"8,4,32;8,2,3,8,8"``).
+
+    Raises:
+        UsageError: any shape malformed.
+    """
+    items = [values] if isinstance(values, str) else list(values)
+    return tuple(parse_shape(part) for value in items for part in value.split(";"))
+
+
+def infer_input_shape(model: nn.Module, batch: int = 1,
+                      spatial: Mapping[int, tuple[int, ...]] | None = None) -> tuple[int, ...]:
+    """``batch``, the first conv's input channels (module order), then the spatial size for its
+    rank from ``spatial`` (default :data:`wsconvert.defaults.EXPORT_SPATIAL`; drift probes use
+    :data:`~wsconvert.defaults.PROBE_SPATIAL`).
+
+    Raises:
+        UsageError: the model has no conv layer to infer from.
+    """
+    sizes = EXPORT_SPATIAL if spatial is None else spatial
+    for module in model.modules():
+        if isinstance(module, nn.modules.conv._ConvNd):
+            rank = len(module.kernel_size)
+            return (batch, module.in_channels, *sizes[rank])
+    raise UsageError("cannot infer the input shape (no conv layer); pass `input_shape`")
+
+
+def _read(p: Path, name: str) -> Any:
+    try:
+        check_file(p)
+        if p.suffix not in (".npz", ".npy"):
+            return read_checkpoint(p)
+    except CheckpointError as exc:
+        raise InputsError(f"`{name}` {exc}") from None
+    try:
+        loaded = np.load(p, allow_pickle=False)
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded:
+                return {k: torch.from_numpy(loaded[k]) for k in loaded.files}
+        return torch.from_numpy(loaded)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else (
+            type(exc).__name__)
+        raise InputsError(f"`{name}` {p}: not a readable numpy file ({reason})") from None
+
+
+def _tensors(obj: Any) -> tuple[Tensor, ...] | None:
+    if isinstance(obj, Mapping):
+        key = next((k for k in _KEYS if k in obj), None)
+        return _tensors(obj[key]) if key is not None else _tensors(list(obj.values()))
+    if isinstance(obj, Tensor):
+        return (obj,)
+    if isinstance(obj, tuple | list) and obj and all(isinstance(v, Tensor) for v in obj):
+        return tuple(obj)
+    return None
+
+
+def load_inputs(path: str | os.PathLike[str], *, name: str = "inputs") -> list[InputSet]:
+    """The input sets in a sample file (see the module docs for the forms).
+
+    Args:
+        path: the file.
+        name: the parameter the path was given as, for error messages.
+
+    Raises:
+        InputsError: unreadable, or not tensors.
+    """
+    p = Path(path)
+    obj = _read(p, name)
+    many = isinstance(obj, list) and obj and all(isinstance(o, tuple | dict) for o in obj)
+    items = [(f"{p.stem}[{i}]", o) for i, o in enumerate(obj)] if many else [(p.stem, obj)]
+    sets = []
+    for set_name, item in items:
+        tensors = _tensors(item)
+        if tensors is None:
+            raise InputsError(f"`{name}` {p}: inputs must be tensors, a tuple/dict of tensors, "
+                              "or a list of those")
+        sets.append(InputSet(set_name, tuple(t.detach().cpu() for t in tensors)))
+    return sets
+
+
+def sample_tensors(path: str | os.PathLike[str], *, name: str = "inputs") -> tuple[Tensor, ...]:
+    """A sample file as one tensor per positional input whose first dimension indexes samples
+    (several input sets are concatenated).
+
+    Raises:
+        InputsError: unreadable, no sample dimension, or inputs with different sample counts.
+    """
+    p = Path(path)
+    sets = load_inputs(p, name=name)
+    if len({len(s.tensors) for s in sets}) != 1:
+        raise InputsError(f"`{name}` {p}: input sets disagree on the number of inputs")
+    if any(t.dim() < 1 or t.shape[0] < 1 for s in sets for t in s.tensors):
+        raise InputsError(f"`{name}` {p}: each input needs a leading sample dimension")
+    try:
+        tensors = tuple(torch.cat(parts) for parts in zip(*(s.tensors for s in sets),
+                                                          strict=True))
+    except RuntimeError:
+        raise InputsError(f"`{name}` {p}: input sets do not share sample shapes") from None
+    if len({t.shape[0] for t in tensors}) != 1:
+        raise InputsError(f"`{name}` {p}: inputs disagree on the number of samples")
+    return tensors

@@ -1,0 +1,242 @@
+"""The wsconvert checkpoint format, and loading a model from any supported checkpoint form.
+
+Input forms of :func:`load_model`:
+
+* a state dict, bare or nested under ``state_dict`` / ``model_state_dict`` / ``model``, with the
+  ``module.`` / ``model.`` / ``_orig_mod.`` prefixes that DDP, Lightning and ``torch.compile``
+  leave, plus a ``MODULE:FACTORY`` spec that builds the architecture;
+* a whole pickled ``nn.Module``, loaded only when the caller trusts the file: unpickling runs code;
+* a wsconvert checkpoint (written by :func:`save`), which records how to rebuild the WS model.
+
+A wsconvert checkpoint is a dict: ``wsconvert_format`` (:data:`FORMAT_VERSION`),
+``wsconvert_version``, ``arch`` (the record of :mod:`wsconvert.io.arch`), ``ws_layers`` (the WS
+settings per layer), ``state_dict``, and for ``{"kind": "pickle"}`` the base ``module``. Format 1
+recorded a GroupNorm swap as the factory ``wsconvert.norms:build_with_group_norm``; it loads as
+the equivalent format-2 ``group_norm`` transform.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from wsconvert import __version__
+from wsconvert.errors import CheckpointError, UsageError
+from wsconvert.io.arch import arch_of, set_arch
+from wsconvert.io.atomic import atomic_output, save_bytes
+from wsconvert.io.safe import read_checkpoint
+from wsconvert.io.spec import build_model, parse_kwargs
+from wsconvert.io.state import (
+    WS_FORMAT_KEY,
+    is_state_dict,
+    load_state_dict_strict,
+    rekeyed,
+    strip_prefix,
+    unwrap,
+)
+from wsconvert.norms import restore_group_norm
+from wsconvert.surgery import restore_ws, unregister_ws, ws_layer_configs, ws_layers
+
+__all__ = ["FORMAT_VERSION", "TRANSFORMS", "LoadedModel", "is_ws_checkpoint", "load",
+           "load_model", "save"]
+
+FORMAT_VERSION = 2
+_V1_GROUP_NORM_FACTORY = "wsconvert.norms:build_with_group_norm"
+
+TRANSFORMS: dict[str, Callable[[nn.Module, Mapping[str, Any]], None]] = {
+    "group_norm": lambda model, t: restore_group_norm(model, t.get("layers") or {}),
+}
+"""Architecture transforms a checkpoint may name, each ``(model, record) -> None`` in place."""
+
+
+@dataclass
+class LoadedModel:
+    """A model read from disk.
+
+    Attributes:
+        model: the module (with WS registered when the file was a wsconvert checkpoint).
+        path: the file it came from.
+        source: ``state_dict``, ``module`` or ``wsconvert``.
+        arch: how to rebuild the architecture (see :mod:`wsconvert.io.arch`).
+        stripped_prefix: the key prefix removed from a state dict (``""`` if none).
+        notes: non-fatal observations worth showing the user.
+    """
+
+    model: nn.Module
+    path: Path
+    source: str
+    arch: dict[str, Any]
+    stripped_prefix: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def has_ws(self) -> bool:
+        return next(ws_layers(self.model), None) is not None
+
+
+def is_ws_checkpoint(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and WS_FORMAT_KEY in obj
+
+
+def load_model(path: str | os.PathLike[str], model: str | None = None,
+               model_kwargs: Mapping[str, Any] | str | None = None, *, trust: bool = False,
+               allow_classes: Sequence[str] = ()) -> LoadedModel:
+    """Load a model from any supported checkpoint form.
+
+    Args:
+        path: checkpoint file.
+        model: ``MODULE:FACTORY`` building the architecture, for state dicts.
+        model_kwargs: keyword arguments for the factory (a mapping or a JSON object string).
+        trust: allow unpickling whole modules (runs code from the file).
+        allow_classes: ``MODULE.CLASS`` names to allow without full trust.
+
+    Raises:
+        CheckpointError, UntrustedCheckpointError, ModelSpecError, UsageError.
+    """
+    p = Path(path)
+    obj = read_checkpoint(p, trust=trust, allow_classes=allow_classes)
+    if is_ws_checkpoint(obj):
+        return _load_ws(obj, p)
+    obj = unwrap(obj)
+    if isinstance(obj, nn.Module):
+        arch: dict[str, Any] = {"kind": "pickle"}
+        if model is not None:
+            note = f"{p} holds a whole module; `model` {model} was not used"
+            return LoadedModel(obj.eval(), p, "module", arch, notes=[note])
+        return LoadedModel(obj.eval(), p, "module", arch)
+    if not is_state_dict(obj):
+        raise CheckpointError(f"{p}: holds a {type(obj).__name__}, neither a state dict nor a "
+                              "module")
+    if model is None:
+        raise UsageError(f"{p} is a state dict: pass `model` MODULE:FACTORY to build the "
+                         "architecture")
+    net = build_model(model, model_kwargs)
+    state, prefix = strip_prefix(obj, set(net.state_dict()))
+    load_state_dict_strict(net, state, str(p))
+    arch = {"kind": "factory", "factory": model, "kwargs": parse_kwargs(model_kwargs)}
+    set_arch(net, arch)
+    return LoadedModel(net, p, "state_dict", arch, stripped_prefix=prefix)
+
+
+def _upgrade(arch: dict[str, Any]) -> dict[str, Any]:
+    """A format-1 architecture record as format 2."""
+    if arch.get("kind") == "factory" and arch.get("factory") == _V1_GROUP_NORM_FACTORY:
+        kwargs = dict(arch.get("kwargs") or {})
+        return {"kind": "factory", "factory": kwargs.get("factory"),
+                "kwargs": dict(kwargs.get("kwargs") or {}),
+                "transforms": [{"transform": "group_norm",
+                                "layers": dict(kwargs.get("norms") or {})}]}
+    return arch
+
+
+def _build(arch: Mapping[str, Any], path: Path) -> nn.Module:
+    net = build_model(str(arch["factory"]), arch.get("kwargs") or {})
+    for record in arch.get("transforms") or []:
+        apply = TRANSFORMS.get(str(record.get("transform")))
+        if apply is None:
+            raise CheckpointError(f"{path}: unknown architecture transform "
+                                  f"{record.get('transform')!r}")
+        apply(net, record)
+    return net
+
+
+def _load_ws(obj: Mapping[str, Any], path: Path) -> LoadedModel:
+    version = obj.get(WS_FORMAT_KEY)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: wsconvert format {version!r} is newer than this "
+                              f"wsconvert understands ({FORMAT_VERSION})")
+    try:
+        arch = dict(obj["arch"])
+        configs = dict(obj["ws_layers"])
+        state = obj["state_dict"]
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{path}: wsconvert checkpoint is incomplete") from None
+    if version < 2:
+        arch = _upgrade(arch)
+    if arch.get("kind") == "factory":
+        net = _build(arch, path)
+        restore_ws(net, configs)
+        load_state_dict_strict(net, state, str(path))
+    elif arch.get("kind") == "pickle" and isinstance(obj.get("module"), nn.Module):
+        net = obj["module"]
+        restore_ws(net, configs)
+        # The pickled module already holds the trainable weights; the state dict has the rest.
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        lost = [k for k in missing if ".parametrizations.weight.0." in k]
+        if unexpected or lost:
+            raise CheckpointError(f"{path}: wsconvert checkpoint does not fit its own module")
+    else:
+        raise CheckpointError(f"{path}: wsconvert checkpoint has an unknown architecture record")
+    set_arch(net, arch)
+    return LoadedModel(net.eval(), path, "wsconvert", arch)
+
+
+def load(path: str | os.PathLike[str], *, trust: bool = False,
+         allow_classes: Sequence[str] = ()) -> nn.Module:
+    """Load a WS model written by ``wsconvert apply`` or :func:`save`, ready to train.
+
+    Args:
+        path: the wsconvert checkpoint.
+        trust: needed when the original model was a pickled module.
+        allow_classes: ``MODULE.CLASS`` names to allow without full trust.
+
+    Raises:
+        CheckpointError: not a wsconvert checkpoint, or unreadable.
+
+    Example:
+        >>> model = wsconvert.load("resnet.ws.pt")          # doctest: +SKIP
+        >>> model.train()                                   # doctest: +SKIP
+    """
+    p = Path(path)
+    obj = read_checkpoint(p, trust=trust, allow_classes=allow_classes)
+    if not is_ws_checkpoint(obj):
+        raise CheckpointError(f"{p}: not a wsconvert checkpoint (write one with `wsconvert apply`)")
+    return _load_ws(obj, p).model.train()
+
+
+def ws_payload(model: nn.Module) -> dict[str, Any]:
+    """What :func:`save` writes for ``model``."""
+    configs = ws_layer_configs(model)
+    arch = dict(arch_of(model) or {"kind": "pickle"})
+    state = rekeyed(model.state_dict(), lambda k: k)
+    for k, v in state.items():
+        state[k] = v.detach().clone()
+    payload: dict[str, Any] = {WS_FORMAT_KEY: FORMAT_VERSION, "wsconvert_version": __version__,
+                               "arch": arch, "ws_layers": configs}
+    if arch["kind"] == "pickle":
+        base = copy.deepcopy(model)
+        for name, module in base.named_modules():
+            if name in configs:
+                unregister_ws(module)
+        set_arch(base, None)
+        base_keys = set(base.state_dict())
+        payload["module"] = base
+        state = rekeyed(state, lambda k: None if k in base_keys or k.endswith(
+            ".parametrizations.weight.original") else k)
+    payload["state_dict"] = state
+    return payload
+
+
+def save(model: nn.Module, path: str | os.PathLike[str], *, force: bool = False,
+         protect: Sequence[str | os.PathLike[str]] = ()) -> Path:
+    """Write a WS model as a wsconvert checkpoint that :func:`load` rebuilds with nothing else.
+
+    Models built from a ``MODULE:FACTORY`` spec are stored as a state dict plus that spec (loads
+    with ``weights_only=True``); others as a pickled base module (loading needs ``trust``).
+
+    Raises:
+        OutputExistsError: ``path`` exists and not ``force``.
+
+    Example:
+        >>> wsconvert.save(model, "finetuned.ws.pt")       # doctest: +SKIP
+    """
+    payload = ws_payload(model)
+    with atomic_output(path, force=force, protect=protect) as tmp:
+        save_bytes(payload, tmp)
+    return Path(path)

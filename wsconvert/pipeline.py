@@ -1,0 +1,410 @@
+"""The library's three operations, stage by stage: what the commands and the demo call.
+
+* :func:`convert` (``apply``): load -> WS -> optional GroupNorm swap -> drift check -> save.
+* :func:`fold_and_export` (``fold``): load -> fold -> optional ONNX export -> parity gate -> save.
+* :func:`gate` (``check``): an ONNX file against its checkpoint.
+* :func:`inspect_checkpoint` (``inspect``): load -> per-layer WS status.
+
+Each first plans: every option is checked and every output path claimed in an
+:class:`~wsconvert.io.atomic.OutputSet` before any model is loaded. The stages then write to
+staging paths, and the outputs are committed together only when every stage succeeded (a failed
+parity check is a result, not an error: its outputs and reports are committed). ``progress(stage)``
+is entered around every stage, for spinners and timings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from wsconvert._gate import fold_reference, gate_inputs, plan_gate, run_gate
+from wsconvert._gate import save_failing as save_failing_stage
+from wsconvert.calibration import check_calibrate
+from wsconvert.defaults import (
+    CONVENTION,
+    GATE_ATOL,
+    GATE_RTOL,
+    GATE_SEEDS,
+    GROUPS,
+    INIT,
+    OPSET,
+)
+from wsconvert.drift import DriftCheck, check_drift
+from wsconvert.errors import UsageError
+from wsconvert.export import ExportConfig, ExportResult, export_onnx
+from wsconvert.fold import FoldReport, fold_ws
+from wsconvert.inspection import LayerInfo, inspect_model
+from wsconvert.io.atomic import OutputSet, save_bytes
+from wsconvert.io.inputs import infer_input_shape, parse_shapes
+from wsconvert.io.state import load_weights_into
+from wsconvert.io.wsfile import LoadedModel, load_model, ws_payload
+from wsconvert.norms import NormSwapReport, check_groups, swap_norm
+from wsconvert.parity import LocateMode, ParityReport, graph_input_shapes, onnx_inputs
+from wsconvert.probes import ProbeSource, check_probe_options
+from wsconvert.surgery import ApplyReport, apply_ws
+
+__all__ = [
+    "ConvertResult",
+    "FoldResult",
+    "GateResult",
+    "Progress",
+    "convert",
+    "default_output",
+    "fold_and_export",
+    "gate",
+    "inspect_checkpoint",
+]
+
+PathLike = str | os.PathLike[str]
+Progress = Callable[[str], AbstractContextManager[Any]]
+"""``progress(stage)``: a context manager entered around each stage."""
+NORM_MODES = ("keep", "gn")
+
+
+def _no_progress(stage: str) -> AbstractContextManager[Any]:
+    return contextlib.nullcontext()
+
+
+def default_output(checkpoint: PathLike, suffix: str) -> Path:
+    """``m.pt`` -> ``m<suffix>``; a ``.ws`` stem loses it (``m.ws.pt`` -> ``m.folded.pt``)."""
+    path = Path(checkpoint)
+    stem = path.stem
+    if suffix != ".ws.pt" and stem.endswith(".ws"):
+        stem = stem[:-3]
+    return path.with_name(f"{stem}{suffix}")
+
+
+# ---------------------------------------------------------------------------- inspect
+
+
+@dataclass
+class InspectResult:
+    """What :func:`inspect_checkpoint` found; ``to_dict()`` is ``inspect --json``."""
+
+    input: Path
+    loaded: LoadedModel
+    layers: list[LayerInfo]
+
+    @property
+    def ws_layers(self) -> int:
+        """Layers standardized by wsconvert, another library, or a known parametrization."""
+        return sum(1 for r in self.layers if r.ws in ("wsconvert", "foreign", "parametrization"))
+
+    @property
+    def unknown_parametrizations(self) -> int:
+        return sum(1 for r in self.layers if r.ws == "unknown")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"input": str(self.input), "source": self.loaded.source,
+                "layers": [info.to_dict() for info in self.layers],
+                "ws_layers": self.ws_layers,
+                "unknown_parametrizations": self.unknown_parametrizations}
+
+
+def inspect_checkpoint(checkpoint: PathLike, *, model: str | None = None,
+                       model_kwargs: Any = None, trust: bool = False,
+                       allow_classes: Sequence[str] = ()) -> InspectResult:
+    """Load a checkpoint and report every conv / linear layer (``wsconvert inspect``).
+
+    Raises:
+        WsconvertError: the checkpoint cannot be loaded.
+    """
+    loaded = load_model(checkpoint, model, model_kwargs, trust=trust,
+                        allow_classes=allow_classes)
+    return InspectResult(Path(checkpoint), loaded, inspect_model(loaded.model))
+
+
+# ---------------------------------------------------------------------------- convert
+
+
+@dataclass
+class ConvertResult:
+    """What :func:`convert` did; ``to_dict()`` is ``apply --json``.
+
+    Attributes:
+        input, output: the checkpoint read and the WS checkpoint written.
+        loaded: the model as loaded (the original, unchanged when the drift check ran).
+        apply: the WS conversion report; ``apply.model`` is the converted model.
+        norm: the GroupNorm swap (``None`` with ``norm="keep"``).
+        drift: the drift check (``None`` when skipped).
+        drift_skipped: why the drift check was skipped (``""`` when it ran).
+    """
+
+    input: Path
+    output: Path
+    loaded: LoadedModel
+    apply: ApplyReport
+    norm: NormSwapReport | None = None
+    drift: DriftCheck | None = None
+    drift_skipped: str = ""
+
+    @property
+    def model(self) -> nn.Module:
+        return self.apply.model
+
+    def to_dict(self) -> dict[str, Any]:
+        norm = ({"mode": "gn", **self.norm.to_dict()} if self.norm is not None
+                else {"mode": "keep"})
+        drift = self.drift.to_dict() if self.drift is not None else {"skipped": self.drift_skipped}
+        return {"input": str(self.input), "output": str(self.output), **self.apply.to_dict(),
+                "norm": norm, "drift": drift}
+
+
+def convert(checkpoint: PathLike, output: PathLike | None = None, *, model: str | None = None,
+            model_kwargs: Any = None, convention: str = CONVENTION, eps: float | None = None,
+            init: str = INIT, include: Sequence[str] = (), exclude: Sequence[str] = (),
+            transposed: bool = False, linear: bool = False, norm: str = "keep",
+            groups: int = GROUPS, convert_frozen: bool = False,
+            input_shape: str | Sequence[Sequence[int]] | None = None,
+            inputs: PathLike | None = None, calibrate: int = 0, drift: bool = True,
+            trust: bool = False, allow_classes: Sequence[str] = (), force: bool = False,
+            progress: Progress = _no_progress) -> ConvertResult:
+    """Put WS on a checkpoint's layers and write a WS checkpoint (``wsconvert apply``).
+
+    Stages: load, ``apply`` (:func:`~wsconvert.surgery.apply_ws`), ``norm`` (with ``norm="gn"``,
+    :func:`~wsconvert.norms.swap_norm`), ``drift`` (with ``drift``,
+    :func:`~wsconvert.drift.check_drift` on probes of ``input_shape`` / ``inputs``; an inferred
+    probe shape the model rejects only skips the check), ``save``.
+
+    Args:
+        checkpoint: the input checkpoint (any form :func:`~wsconvert.io.wsfile.load_model` reads).
+        output: the WS checkpoint [default: ``<stem>.ws.pt`` beside the input].
+        norm: ``keep`` or ``gn``; the other arguments are those of the stages' functions.
+
+    Raises:
+        WsconvertError: any stage failing; nothing is written then.
+    """
+    if norm not in NORM_MODES:
+        raise UsageError(f"`norm` must be keep or gn, got {norm!r}")
+    if calibrate and norm != "keep":
+        raise UsageError("`calibrate` re-estimates BatchNorm statistics: use it with "
+                         "`norm=keep`")
+    check_calibrate(calibrate)
+    if calibrate and not drift:
+        raise UsageError("`calibrate` needs the probe inputs of the drift report; drop "
+                         "`drift=False`")
+    check_groups(groups)
+    check_probe_options(input_shape, inputs)
+    with OutputSet(force=force, protect=[checkpoint]) as outputs:
+        target = outputs.add(output if output is not None else default_output(checkpoint,
+                                                                              ".ws.pt"))
+        with progress("load"):
+            loaded = load_model(checkpoint, model, model_kwargs, trust=trust,
+                                allow_classes=allow_classes)
+        with progress("apply"):
+            report = apply_ws(loaded.model, convention, eps, init, include, exclude,
+                              transposed=transposed, linear=linear, inplace=not drift)
+        result = ConvertResult(Path(checkpoint), target, loaded, report)
+        if norm == "gn":
+            with progress("norm"):
+                result.norm = swap_norm(report.model, groups, convert_frozen=convert_frozen,
+                                        inplace=True)
+        if not drift:
+            result.drift_skipped = "`drift=False`"
+        else:
+            with progress("drift"):
+                try:
+                    source = ProbeSource.for_model(loaded.model, input_shape, inputs)
+                    result.drift = check_drift(loaded.model, report.model, source,
+                                               calibrate=calibrate, init=init, norm=norm)
+                except UsageError as exc:
+                    if input_shape is not None or inputs is not None or calibrate:
+                        raise
+                    result.drift_skipped = str(exc)
+        with progress("save"):
+            save_bytes(ws_payload(report.model), outputs.stage(target))
+            outputs.commit()
+    return result
+
+
+# ---------------------------------------------------------------------------- the parity gate
+
+
+@dataclass
+class GateResult:
+    """What :func:`gate` found; ``to_dict()`` is ``check --json``."""
+
+    onnx: Path
+    against: Path
+    parity: ParityReport
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"onnx": str(self.onnx), "against": str(self.against),
+                "parity": self.parity.to_dict()}
+
+
+def gate(onnx_file: PathLike, against: PathLike, *, model: str | None = None,
+         model_kwargs: Any = None, input_shape: str | Sequence[str] | None = None,
+         seeds: int = GATE_SEEDS, batch_sizes: str | Sequence[int] | None = None,
+         inputs: PathLike | None = None, atol: float = GATE_ATOL, rtol: float = GATE_RTOL,
+         report: PathLike | None = None, junit: PathLike | None = None,
+         save_failing: PathLike | None = None, min_top1_agreement: float | None = None,
+         locate: LocateMode = "on_failure", trust: bool = False,
+         allow_classes: Sequence[str] = (), progress: Progress = _no_progress) -> GateResult:
+    """Gate an ONNX file on parity with its checkpoint (``wsconvert check``).
+
+    A WS reference (ours or another library's) is folded first so both stages are reported;
+    shapes come from ``input_shape`` or the graph (a symbolic batch becomes 1, a dynamic batch
+    is checked at :data:`~wsconvert.defaults.GATE_BATCH_SIZES`). ``result.parity.passed()`` is the
+    gate; the report files are written either way. ``min_top1_agreement`` and ``locate`` are
+    :func:`~wsconvert.parity.check_parity`'s.
+
+    Raises:
+        WsconvertError: bad options or files (nothing is written then).
+    """
+    onnx_path = Path(onnx_file)
+    with OutputSet() as outputs:
+        plan = plan_gate(outputs, seeds, batch_sizes, inputs, atol, rtol, report, junit,
+                         save_failing, min_top1_agreement, locate)
+        graph_inputs = onnx_inputs(onnx_path)
+        with progress("load"):
+            loaded = load_model(against, model, model_kwargs, trust=trust,
+                                allow_classes=allow_classes)
+        reference = loaded.model.eval()
+        with progress("fold"):
+            folded = fold_reference(reference)
+        shapes, dynamic = graph_input_shapes(onnx_path, input_shape)
+        if len(shapes) != len(graph_inputs) and inputs is None:
+            raise UsageError(f"{onnx_path} takes {len(graph_inputs)} input(s), got {len(shapes)} "
+                             "`input_shape`")
+        sets = gate_inputs(plan, shapes, dynamic)
+        with progress("gate"):
+            parity = run_gate(plan, outputs, onnx_path, onnx_path, reference, folded, sets)
+        outputs.commit()
+    save_failing_stage(plan, parity, sets)
+    return GateResult(onnx_path, Path(against), parity)
+
+
+# ---------------------------------------------------------------------------- fold
+
+
+@dataclass
+class FoldResult:
+    """What :func:`fold_and_export` did; ``to_dict()`` is ``fold --json``.
+
+    Attributes:
+        input, output: the checkpoint read and the folded checkpoint written.
+        reference: the WS model as loaded (eval mode).
+        fold: the fold report; ``fold.model`` is the plain model.
+        onnx: the export (``None`` without ``onnx``).
+        parity: the parity gate (``None`` without ``onnx`` or with ``check=False``).
+    """
+
+    input: Path
+    output: Path
+    reference: nn.Module
+    fold: FoldReport
+    onnx: ExportResult | None = None
+    parity: ParityReport | None = None
+
+    @property
+    def model(self) -> nn.Module:
+        return self.fold.model
+
+    def to_dict(self) -> dict[str, Any]:
+        payload: dict[str, Any] = {"input": str(self.input), "output": str(self.output),
+                                   "fold": self.fold.to_dict()}
+        if self.onnx is not None:
+            payload["onnx"] = self.onnx.to_dict()
+        if self.parity is not None:
+            payload["parity"] = self.parity.to_dict()
+        return payload
+
+
+def fold_and_export(checkpoint: PathLike, output: PathLike | None = None, *,
+                    from_ws: PathLike | None = None, model: str | None = None,
+                    model_kwargs: Any = None, whole_module: bool = False,
+                    bake_unknown: bool = False, fuse_bn: bool = False,
+                    onnx: PathLike | None = None, input_shape: str | Sequence[str] | None = None,
+                    dynamic_batch: bool = False, opset: int = OPSET, check: bool = True,
+                    seeds: int = GATE_SEEDS, batch_sizes: str | Sequence[int] | None = None,
+                    inputs: PathLike | None = None, atol: float = GATE_ATOL,
+                    rtol: float = GATE_RTOL, report: PathLike | None = None,
+                    junit: PathLike | None = None, save_failing: PathLike | None = None,
+                    min_top1_agreement: float | None = None,
+                    locate: LocateMode = "on_failure", trust: bool = False,
+                    allow_classes: Sequence[str] = (), force: bool = False,
+                    progress: Progress = _no_progress) -> FoldResult:
+    """Fold WS into plain weights; with ``onnx``, export and gate on parity (``wsconvert fold``).
+
+    Stages: load (``checkpoint``, or ``from_ws``'s architecture with ``checkpoint``'s weights),
+    ``fold`` (:func:`~wsconvert.fold.fold_ws`), ``export``
+    (:func:`~wsconvert.export.export_onnx`; the shape is ``input_shape`` or inferred from the
+    first conv), ``gate`` (unless ``check=False``), then the folded checkpoint (a state dict, or
+    the pickled module with ``whole_module``), the ONNX file and the reports are committed
+    together.
+
+    Raises:
+        WsconvertError: any stage failing; nothing is written then.
+    """
+    gate_args = {"report": report, "junit": junit, "save_failing": save_failing,
+                 "inputs": inputs, "batch_sizes": batch_sizes,
+                 "min_top1_agreement": min_top1_agreement,
+                 "locate": None if locate == "on_failure" else locate}
+    with OutputSet(force=force, protect=[checkpoint, *([from_ws] if from_ws else [])]
+                   ) as outputs:
+        target = Path(output) if output is not None else default_output(checkpoint, ".folded.pt")
+        onnx_path = None if onnx is None else Path(onnx)
+        for path in (target, onnx_path):
+            if path is not None and path.exists() and not force:
+                outputs.add(path)  # raises OutputExistsError
+        if onnx_path is not None and onnx_path.suffix != ".onnx":
+            raise UsageError(f"`onnx` {onnx_path}: the file name should end in .onnx")
+        if from_ws is not None and (model or model_kwargs):
+            raise UsageError("`model` / `model_kwargs` do not apply with `from_ws`: the "
+                             "architecture comes from the WS checkpoint")
+        unused = [f"`{name}`" for name, value in gate_args.items() if value is not None]
+        if unused and (onnx_path is None or not check):
+            raise UsageError(f"{', '.join(unused)} need the parity check (`onnx` without "
+                             "`check=False`)")
+        plan = (plan_gate(outputs, seeds, batch_sizes, inputs, atol, rtol, report, junit,
+                          save_failing, min_top1_agreement, locate)
+                if onnx_path is not None and check else None)
+        outputs.add(target)
+        if onnx_path is not None:
+            outputs.add(onnx_path)
+        shapes = parse_shapes(input_shape or [])
+        with progress("load"):
+            if from_ws is not None:
+                ws_model = load_model(from_ws, trust=trust, allow_classes=allow_classes).model
+                load_weights_into(ws_model, checkpoint, trust=trust,
+                                  allow_classes=allow_classes)
+            else:
+                ws_model = load_model(checkpoint, model, model_kwargs, trust=trust,
+                                      allow_classes=allow_classes).model
+        ws_model.eval()
+        with progress("fold"):
+            folded = fold_ws(ws_model, fuse_bn=fuse_bn, bake_unknown=bake_unknown)
+        result = FoldResult(Path(checkpoint), target, ws_model, folded)
+        sets = None
+        if onnx_path is not None:
+            config = ExportConfig(tuple(shapes) or (infer_input_shape(folded.model),),
+                                  dynamic_batch=dynamic_batch, opset=opset)
+            if plan is not None:
+                sets = gate_inputs(plan, list(config.input_shapes), dynamic_batch)
+            with progress("export"):
+                staged = outputs.stage(onnx_path)
+                exported = export_onnx(copy.deepcopy(folded.model), staged, config, force=force)
+            if plan is not None and sets is not None:
+                with progress("gate"):
+                    result.parity = run_gate(plan, outputs, onnx_path, staged, ws_model,
+                                              folded.model, sets)
+            exported.path = onnx_path
+            exported.files = [outputs.final(f) for f in exported.files]
+            result.onnx = exported
+        with progress("save"):
+            model_out = folded.model
+            save_bytes(model_out if whole_module else model_out.state_dict(),
+                       outputs.stage(target))
+            outputs.commit()
+    if plan is not None and result.parity is not None and sets is not None:
+        save_failing_stage(plan, result.parity, sets)
+    return result

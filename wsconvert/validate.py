@@ -1,0 +1,44 @@
+"""Argument checks shared by several library entry points, each stated once, naming parameters.
+
+Torch-free, so a caller can check everything before any model is loaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from wsconvert.errors import UsageError
+
+__all__ = ["check_gate_options", "parse_batch_sizes"]
+
+
+def check_gate_options(seeds: int, atol: float, rtol: float) -> None:
+    """Raises:
+        UsageError: ``seeds`` below 1, or a negative (or NaN) tolerance.
+    """
+    if seeds < 1:
+        raise UsageError("`seeds` must be at least 1")
+    if not (atol >= 0 and rtol >= 0):
+        raise UsageError("`atol` and `rtol` must be >= 0")
+
+
+def parse_batch_sizes(value: str | Sequence[int] | None) -> list[int] | None:
+    """Batch sizes from ``"1,4"`` or a sequence; ``None`` stays ``None``.
+
+    Raises:
+        UsageError: not integers, or not positive.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            sizes = [int(t) for t in value.split(",") if t.strip()]
+        except ValueError:
+            raise UsageError(f"`batch_sizes` {value!r}: want comma-separated integers") from None
+        if not sizes or any(s < 1 for s in sizes):
+            raise UsageError(f"`batch_sizes` {value!r}: want positive integers")
+        return sizes
+    sizes = [int(s) for s in value]
+    if any(s < 1 for s in sizes):
+        raise UsageError("`batch_sizes` must be positive integers")
+    return sizes
