@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnx
 import pytest
@@ -18,6 +20,9 @@ from wsconvert.export import ExportConfig, export_onnx
 from wsconvert.fold import fold_ws
 from wsconvert.locate import locate_export, locate_fold, module_scopes
 from wsconvert.parity import check_parity, make_inputs
+
+if TYPE_CHECKING:
+    from conftest import Cli
 
 
 class Block(nn.Module):
@@ -248,3 +253,107 @@ def test_batchnorm_fused_by_the_exporter_is_named_at_the_bn(tmp_path: Path) -> N
     d = loc.divergence
     assert d is not None and d.module == "3" and d.module_type == "BatchNorm2d"
     assert [op for _, op in d.nodes] == ["Conv"] and "2.weight" in d.initializers
+
+
+# -- the CLI, end to end through the entry point ------------------------------------------------
+
+
+@pytest.fixture
+def gate_files(cli: Cli, net_state: Path) -> Path:
+    """In the working directory of ``wsnets``: ``net.ws.pt``, ``net.onnx`` (exported by ``fold``
+    with ``--locate`` and ``--min-top1-agreement 1``) and ``bad.onnx`` (``dw``'s weight +10%)."""
+    cwd = net_state.parent
+    proc = cli.run("apply", net_state, "-m", "wsnets:build", "--convention", "bit", "--init",
+                   "scale", cwd=cwd)
+    assert proc.returncode == 0, proc.stderr
+    proc = cli.run("fold", "net.ws.pt", "--onnx", "net.onnx", "--input-shape", "1,3,16,16",
+                   "--dynamic-batch", "--locate", "--min-top1-agreement", "1", cwd=cwd)
+    assert proc.returncode == 0, proc.stderr
+    for text in ("min atol", "min rtol", "top-1", "where it diverges",
+                 "export stage, input set seed0-b1: no module output out of tolerance"):
+        assert text in proc.stdout
+    _edit_initializer(cwd / "net.onnx", cwd / "bad.onnx", "dw.weight", 1.1)
+    return cwd
+
+
+def test_cli_names_the_diverging_module(cli: Cli, gate_files: Path) -> None:
+    cwd = gate_files
+    proc = cli.run("check", "bad.onnx", "--against", "net.ws.pt", "--seeds", "1", "--junit",
+                   "j.xml", "--report", "r.json", cwd=cwd)
+    cli.one_line_error(proc, 1, "parity fails", "export stage first diverges at dw (Conv2d)")
+    assert "export stage, input set seed0-b1: first divergence at dw (Conv2d)" in proc.stdout
+    assert "initializers: dw.weight" in proc.stdout
+    props = {p.get("name"): p.get("value") for p in ET.parse(cwd / "j.xml").iter("property")}
+    assert props["diverges_at"] == "dw" and "Conv" in props["diverges_at_onnx_ops"]
+    (located,) = json.loads((cwd / "r.json").read_text())["located"]
+    assert located["divergence"]["module"] == "dw"
+
+    proc = cli.run("check", "bad.onnx", "--against", "net.ws.pt", "--seeds", "1", "--json",
+                   cwd=cwd)
+    assert proc.returncode == 1
+    parity = json.loads(proc.stdout)["parity"]
+    assert parity["located"][0]["divergence"]["onnx_op_types"] == ["Conv", "Relu"]
+    # What would pass, at its edge: the reported minimum atol passes, the float below fails.
+    worst = max(c["min_atol"] for c in parity["comparisons"])
+    at = cli.run("check", "bad.onnx", "--against", "net.ws.pt", "--seeds", "1", "--atol",
+                 repr(worst), cwd=cwd)
+    assert at.returncode == 0, at.stderr
+    below = cli.run("check", "bad.onnx", "--against", "net.ws.pt", "--seeds", "1", "--atol",
+                    repr(math.nextafter(worst, 0)), cwd=cwd)
+    assert below.returncode == 1
+
+
+def test_cli_min_top1_agreement_at_its_edge(cli: Cli, gate_files: Path) -> None:
+    import numpy as np
+    import onnxruntime as ort
+
+    cwd = gate_files
+    # Move class 0's bias up by the median margin of class 2 over it: about half the samples of
+    # the gate's input set (seed 0, batch 16) change their top-1 class.
+    (x,) = make_inputs([(1, 3, 16, 16)], 1, [16])[0].tensors
+    logits = ort.InferenceSession(str(cwd / "net.onnx")).run(None, {"input": x.numpy()})[0]
+    proto = onnx.load(str(cwd / "net.onnx"))
+    (bias,) = [i for i in proto.graph.initializer if i.name == "head.bias"]
+    shifted = numpy_helper.to_array(bias).copy()
+    shifted[0] += np.median(logits[:, 2] - logits[:, 0])
+    bias.CopyFrom(numpy_helper.from_array(shifted, bias.name))
+    onnx.save(proto, str(cwd / "noisy.onnx"))
+    args = ["check", "noisy.onnx", "--against", "net.ws.pt", "--atol", "10", "--batch-sizes",
+            "16", "--seeds", "1"]
+    proc = cli.run(*args, "--json", cwd=cwd)
+    assert proc.returncode == 0, proc.stderr
+    export = [c for c in json.loads(proc.stdout)["parity"]["comparisons"]
+              if c["stage"] == "export"]
+    top1 = min(c["top1"] for c in export)
+    assert 0 < top1 < 1
+    assert cli.run(*args, "--min-top1-agreement", repr(top1), cwd=cwd).returncode == 0
+    proc = cli.run(*args, "--min-top1-agreement", repr(math.nextafter(top1, 1)), cwd=cwd)
+    cli.one_line_error(proc, 1, "parity fails")
+    assert "top-1 agreement" in proc.stdout
+
+
+def test_cli_bad_locate_and_top1_input(cli: Cli, gate_files: Path, tmp_path: Path) -> None:
+    cwd = gate_files
+    cli.assert_bad(["check", "net.onnx", "--against", "net.ws.pt", "--min-top1-agreement",
+                    "1.5"], "--min-top1-agreement", cwd=cwd)
+    cli.assert_bad(["fold", "net.ws.pt", "-o", "x.pt", "--onnx", "x.onnx", "--no-check",
+                    "--locate"], "--locate", cwd=cwd)
+    # No module metadata and no parameter names: --locate while parity holds is exit 2 ...
+    _strip(cwd / "net.onnx", cwd / "anon.onnx", rename=True)
+    proc = cli.run("check", "anon.onnx", "--against", "net.ws.pt", "--locate", cwd=cwd)
+    cli.one_line_error(proc, 2, "records no module scopes")
+    # ... and when parity fails, exit 1 with the reason in the report.
+    _strip(cwd / "bad.onnx", cwd / "anon_bad.onnx", rename=True)
+    proc = cli.run("check", "anon_bad.onnx", "--against", "net.ws.pt", "--seeds", "1", cwd=cwd)
+    cli.one_line_error(proc, 1, "parity fails")
+    assert "not located" in proc.stdout and "Traceback" not in proc.stderr
+    # A graph with a custom op: onnxruntime cannot load it.
+    proto = onnx.parser.parse_model("""
+<ir_version: 8, opset_import: ["" : 18, "acme" : 1]>
+g (float[1, 3, 16, 16] x) => (float[1, 3] y) {
+    y = acme.Frobnicate (x)
+}
+""")
+    onnx.save(proto, str(cwd / "custom.onnx"))
+    proc = cli.run("check", "custom.onnx", "--against", "net.ws.pt", "--locate", cwd=cwd)
+    cli.one_line_error(proc, 2, "onnxruntime cannot load it")

@@ -18,6 +18,8 @@ from wsconvert.cli._common import (
     InputsOpt,
     JsonOpt,
     JunitOpt,
+    LocateOpt,
+    MinTop1Opt,
     ModelKwargsOpt,
     ModelOpt,
     Output,
@@ -66,6 +68,8 @@ def fold_cmd(
     report: ReportOpt = None,
     junit: JunitOpt = None,
     save_failing: SaveFailingOpt = None,
+    min_top1_agreement: MinTop1Opt = None,
+    locate: LocateOpt = False,
     trust: TrustOpt = False,
     allow_class: AllowClassOpt = None,
     force: ForceOpt = False,
@@ -89,8 +93,10 @@ def fold_cmd(
         whole_module=whole_module, bake_unknown=bake_unknown, fuse_bn=fuse_bn, onnx=onnx,
         input_shape=input_shape, dynamic_batch=dynamic_batch, opset=opset, check=not no_check,
         seeds=seeds, batch_sizes=batch_sizes, inputs=inputs, atol=atol, rtol=rtol, report=report,
-        junit=junit, save_failing=save_failing, trust=trust, allow_classes=allow_class or (),
-        force=force, progress=lambda stage: out.status(stages[stage]))
+        junit=junit, save_failing=save_failing, min_top1_agreement=min_top1_agreement,
+        locate="always" if locate else "on_failure", trust=trust,
+        allow_classes=allow_class or (), force=force,
+        progress=lambda stage: out.status(stages[stage]))
     out.result(f"[green]✓[/] {escape(result.fold.summary())}; wrote {escape(result.output)}")
     if result.onnx is not None:
         out.result(f"[green]✓[/] exported {escape(onnx)} (opset {opset}, checker passed, no WS "
