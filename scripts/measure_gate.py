@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -31,10 +32,7 @@ import torch
 BARE = """
 import sys, torch
 from wsconvert.export import _quiet
-try:
-    from wsconvert.io import load_model
-except ImportError:  # the layout before wsconvert.io
-    from wsconvert.checkpoint import load_model
+from wsconvert.io.wsfile import load_model
 m = load_model(sys.argv[1], sys.argv[2], sys.argv[3]).model.eval()
 x = torch.randn(1, 3, 224, 224)
 with _quiet(), torch.no_grad():
@@ -91,7 +89,7 @@ def small(seed=0):
 
 MODELS = {
     "small": ("gatenets:small", "{}"),
-    "r50": ("wsconvert.examples.resnet:resnet50", '{"norm": "gn"}'),
+    "r50": ("resnet:resnet50", '{"norm": "gn"}'),  # scripts/resnet.py, copied to the workdir
 }
 
 
@@ -100,13 +98,11 @@ def prepare(work: Path, name: str) -> tuple[Path, Path]:
     from wsconvert.fold import fold_ws
 
     spec, kwargs = MODELS[name]
-    try:
-        from wsconvert.io import build_model
-    except ImportError:  # the layout before wsconvert.io
-        from wsconvert.checkpoint import build_model  # type: ignore[no-redef]
+    from wsconvert.io.spec import build_model
+
     plain = build_model(spec, kwargs)
     torch.save(plain.state_dict(), work / f"{name}.pt")
-    plain = wsconvert.load_model(work / f"{name}.pt", spec, kwargs).model
+    plain = wsconvert.load_model(work / f"{name}.pt", spec, kwargs).model.eval()
     params = sum(p.numel() for p in plain.parameters())
     ws = wsconvert.apply_ws(plain, "paper", init="scale").model.eval()
     wsconvert.save(ws, work / f"{name}.ws.pt", force=True)
@@ -135,6 +131,7 @@ def main() -> None:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="wsconvert-gate-"))
     work.mkdir(parents=True, exist_ok=True)
     (work / "gatenets.py").write_text(NETS)
+    shutil.copy(Path(__file__).with_name("resnet.py"), work / "resnet.py")
     sys.path.insert(0, str(work))
     exe = str(Path(sys.executable).with_name("wsconvert"))
     variants = args.variants.split(",")
