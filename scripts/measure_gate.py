@@ -10,7 +10,9 @@ shared machine hits every variant alike:
   ``torch.onnx.export(dynamo=True)`` with a dynamic batch (what a user would do by hand);
 - ``fold``: ``wsconvert fold WS.pt --onnx --dynamic-batch`` (load, fold, export, default gate);
 - ``no-check``: the same with ``--no-check``;
-- ``locate``: the same with ``--locate`` (localization although parity holds).
+- ``locate``: the same with ``--locate`` (localization although parity holds);
+- ``fold-base``: ``fold`` with another installation's ``wsconvert`` (``--baseline-exe``, e.g. a
+  checkout without this change), to isolate what a change costs on the default path.
 
 Prints each run and the median ratio to ``bare`` per variant, with the load average.
 """
@@ -127,6 +129,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--variants", default="bare,fold,no-check,locate")
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--baseline-exe", default=None,
+                    help="another installation's wsconvert, for the fold-base variant")
     args = ap.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="wsconvert-gate-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -145,6 +149,8 @@ def main() -> None:
                          "--force", "--no-check"],
             "locate": [exe, "fold", str(ws), "--onnx", "out.onnx", "--dynamic-batch",
                        "--force", "--locate"],
+            "fold-base": [str(args.baseline_exe), "fold", str(ws), "--onnx", "out.onnx",
+                          "--dynamic-batch", "--force"],
         }
         times: dict[str, list[float]] = {v: [] for v in variants}
         for r in range(args.rounds):

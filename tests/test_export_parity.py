@@ -30,6 +30,7 @@ from wsconvert.parity import (
     load_inputs,
     make_inputs,
     save_failing_inputs,
+    within_tolerance,
 )
 
 
@@ -322,3 +323,26 @@ def test_min_top1_agreement_gate_at_its_edge(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="no output is classifier-like"):
         check_parity(tmp_path / "maps.onnx", conv, make_inputs([(1, 3, 6, 6)]),
                      min_top1_agreement=0.9)
+
+
+def test_within_tolerance_agrees_with_compare() -> None:
+    g = torch.Generator().manual_seed(7)
+    ref = torch.randn(200, generator=g)
+    inf, nan = float("inf"), float("nan")
+    cases = [ref + torch.randn(200, generator=g) * 1e-4, ref.clone(), ref * (1 + 2e-3)]
+    special = ref.clone()
+    special[0] = nan
+    cases.append(special)
+    for bad in (inf, -inf):
+        c = ref.clone()
+        c[3] = bad
+        cases.append(c)
+    r_inf = ref.clone()
+    r_inf[5] = inf
+    for got in cases:
+        for atol, rtol in ((1e-4, 1e-3), (0.0, 0.0), (1e30, 1e30)):
+            for r in (ref, r_inf):
+                full = compare("e", "s", "o", r, got, atol, rtol).passed
+                assert within_tolerance(r, got, atol, rtol) <= full  # never passes what fails
+                if r is ref and not got.isnan().any() and not got.isinf().any():
+                    assert within_tolerance(r, got, atol, rtol) == full
