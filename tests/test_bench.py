@@ -17,10 +17,12 @@ from torch import nn
 
 from wsconvert import apply_ws
 from wsconvert.bench import (
+    OPTIMIZERS,
     BenchConfig,
     _seed_weight,
     _timm_weight,
     _with_formula,
+    estimated_passes,
     plain_counterpart,
     reference_net,
     run_bench,
@@ -109,6 +111,7 @@ def test_bench_ws_model_against_its_plain_counterpart() -> None:
 @pytest.mark.parametrize("bad", [
     {"batch_sizes": ()}, {"batch_sizes": (0,)}, {"accumulate": 0}, {"conventions": ("nope",)},
     {"references": ("nope",)}, {"clock": "sundial"}, {"input_shape": (3, 0, 4)},
+    {"optimizer": "lbfgs"},
 ])
 def test_bench_config_rejects_bad_settings(bad: dict[str, object]) -> None:
     with pytest.raises(UsageError):
@@ -178,3 +181,86 @@ def test_bench_refuses_an_input_shape_that_does_not_fit() -> None:
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten())
     with pytest.raises(UsageError, match="does not fit"):
         run_bench(net, BenchConfig(batch_sizes=(1,), input_shape=(5, 6, 6), rounds=1))
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_bench_optimizers_and_eval_rows(optimizer: str) -> None:
+    cfg = BenchConfig(batch_sizes=(1,), conventions=("aws",), optimizer=optimizer, evaluate=True,
+                      **TINY)
+    report = run_bench(config=cfg)
+    assert report.optimizer == optimizer
+    assert [(s.batch_size, s.mode) for s in report.settings] == [(1, "train"), (1, "eval")]
+    train, ev = report.settings
+    for s in report.settings:
+        assert [r.form for r in s.rows] == ["plain", "wsconvert:aws", "seed", "timm-bn"]
+        for r in s.rows:
+            assert set(r.vs_references) == {"seed", "timm-bn"}
+            assert r.min_ratio > 0 and math.isfinite(r.min_ratio)
+        assert s.row("seed").vs_references["seed"] == 1.0
+    assert train.row("plain").passes == estimated_passes("plain", optimizer=optimizer)
+    assert train.row("wsconvert:aws").passes == estimated_passes("wsconvert:aws",
+                                                                 optimizer=optimizer)
+    assert train.row("wsconvert:aws").passes == train.row("plain").passes + 11
+    assert [r.passes for r in ev.rows] == [0, 0, 6, 4]
+    d = json.loads(json.dumps(report.to_dict()))
+    assert d["settings"][1]["mode"] == "eval" and d["optimizer"] == optimizer
+
+
+def test_estimated_passes_model() -> None:
+    # Plain SGD: read the gradient and the weight, write the weight.
+    assert [estimated_passes("plain", optimizer=o) for o in OPTIMIZERS] == [3, 8, 20]
+    # WS: forward mean / centre / norm / scale (6), backward kernel 5; a gain and beta one more
+    # in-place sweep each.
+    assert estimated_passes("wsconvert:paper") == 3 + 11
+    assert estimated_passes("wsconvert:scaled", gain=True) == 3 + 13
+    assert estimated_passes("wsconvert:paper", gain=True, shift=True) == 3 + 15
+    # Accumulation: wsconvert standardizes once per step, the references per micro-batch.
+    assert estimated_passes("wsconvert:tf", accumulate=8) == 3 + 7 * 3 + 11
+    assert estimated_passes("timm-bn", accumulate=8) == 3 + 7 * 3 + 8 * 9
+    assert estimated_passes("wsconvert:tf", mode="eval") == 0
+    assert estimated_passes("seed", mode="eval") == 6
+    with pytest.raises(UsageError):
+        estimated_passes("nope")
+    with pytest.raises(UsageError):
+        estimated_passes("plain", optimizer="nope")
+
+
+def test_cli_bench_optimizer_and_eval() -> None:
+    proc = _cli("bench", "--json", "--input-shape", "3,16,16", "--batch-sizes", "1",
+                "--convention", "bit", "--no-references", "--rounds", "1", "--warmup", "0",
+                "--threads", "1", "--optimizer", "sgd-momentum", "--eval")
+    assert proc.returncode == 0, proc.stderr
+    d = json.loads(proc.stdout)
+    assert d["optimizer"] == "sgd-momentum"
+    assert [(s["mode"], [r["passes"] for r in s["rows"]]) for s in d["settings"]] == [
+        ("train", [8, 19]), ("eval", [0, 0])]
+    table = _cli("bench", "--input-shape", "3,16,16", "--batch-sizes", "1", "--convention",
+                 "bit", "--rounds", "1", "--warmup", "0", "--threads", "1", "--eval")
+    assert table.returncode == 0, table.stderr
+    assert "passes (est.)" in table.stdout and "x timm-bn" in table.stdout
+    assert "eval" in table.stdout
+
+
+def test_cli_bench_unknown_optimizer_one_line_error() -> None:
+    proc = _cli("bench", "--optimizer", "lbfgs", "--rounds", "1")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error:") and "lbfgs" in proc.stderr
+
+
+def test_cli_bench_shape_error_names_the_flag(tmp_path: Path) -> None:
+    from wsconvert.io.wsfile import save
+
+    save(apply_ws(_user_net(), "bit").model, tmp_path / "m.ws.pt")
+    proc = _cli("bench", str(tmp_path / "m.ws.pt"), "--input-shape", "5,8,8", "--rounds", "1",
+                "--trust")
+    assert proc.returncode == 2
+    line = proc.stderr.strip()
+    assert line.startswith("error:") and "--input-shape 5,8,8 does not fit" in line, line
+
+
+def test_bench_counts_the_gain_sweep() -> None:
+    cfg = BenchConfig(batch_sizes=(1,), conventions=("scaled", "bit"), references=(),
+                      input_shape=(3, 8, 8), rounds=1, warmup=0, threads=1)
+    rows = run_bench(config=cfg).settings[0]
+    assert rows.row("wsconvert:scaled").passes == 3 + 13
+    assert rows.row("wsconvert:bit").passes == 3 + 11

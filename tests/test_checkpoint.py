@@ -110,7 +110,7 @@ def test_save_load_round_trip_in_fresh_process(net_state: Path) -> None:
         wsconvert.save(report.model, out)
     script = (
         "import torch, wsconvert, sys\n"
-        "m = wsconvert.load(sys.argv[1]).eval()\n"
+        "m = wsconvert.load(sys.argv[1], model='wsnets:build').eval()\n"
         "x = torch.randn(2, 3, 10, 10, generator=torch.Generator().manual_seed(0))\n"
         "torch.save(m(x), sys.argv[2])\n"
         "assert m.training is False\n"
@@ -128,12 +128,12 @@ def test_finetuned_model_saved_and_reloaded(net_state: Path) -> None:
     opt.step()
     path = net_state.with_name("tuned.ws.pt")
     wsconvert.save(model, path)
-    again = wsconvert.load(path)
+    again = wsconvert.load(path, model="wsnets:build")
     assert again.training
     model.eval()
     again.eval()
     assert torch.equal(again(_x()), model(_x()))
-    assert wsconvert.load_model(path).source == "wsconvert"
+    assert wsconvert.load_model(path, "wsnets:build").source == "wsconvert"
 
 
 def test_pickle_kind_round_trip(nets_dir: Path) -> None:

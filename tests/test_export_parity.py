@@ -202,27 +202,32 @@ def test_shape_mismatch_fails_the_gate(tmp_path: Path) -> None:
 
 def test_compare_semantics() -> None:
     inf = float("inf")
-    ref = torch.tensor([1.0, 0.0, 100.0, inf])
-    got = torch.tensor([1.0 + 2e-4, 5e-5, 100.05, inf])
+    ref = torch.tensor([1.0, 0.0, 100.0, 7.0])
+    got = torch.tensor([1.0 + 2e-4, 5e-5, 100.05, 7.0])
     c = compare("export", "s", "o", ref, got, atol=1e-4, rtol=1e-3)
-    # elementwise |got-ref| <= atol + rtol*|ref|: 2e-4 <= 1.1e-3, 5e-5 <= 1e-4, .05 <= .1001;
-    # equal infinities pass
+    # elementwise |got-ref| <= atol + rtol*|ref|: 2e-4 <= 1.1e-3, 5e-5 <= 1e-4, .05 <= .1001
     assert c.passed and c.frac_out == 0
     assert c.max_abs == pytest.approx(0.05, rel=1e-3)
     c = compare("export", "s", "o", ref, got, atol=0, rtol=1e-4)
     assert not c.passed and c.frac_out == pytest.approx(0.75)
     assert c.max_rel == inf and c.min_rtol == inf  # 5e-5 against a zero reference
     assert c.to_dict()["min_rtol"] == "inf" and json.dumps(c.to_dict(), allow_nan=False)
+    # NaN on both sides is no evidence the model works: it fails, saying why (issue #11).
+    nan = torch.tensor([float("nan")])
+    c = compare("export", "s", "o", torch.cat([ref, nan]), torch.cat([got, nan]), atol=1, rtol=1)
+    assert not c.passed and "non-finite" in c.reason
     c = compare("export", "s", "o", ref, got[:3], atol=1, rtol=1)
     assert not c.passed and c.reason == "shape mismatch" and c.min_atol == inf
-    # An infinity against a finite value never passes, whatever the tolerance.
-    c = compare("export", "s", "o", ref, torch.tensor([1.0, 0.0, 100.0, 1e38]), atol=1e30,
-                rtol=1e30)
-    assert not c.passed and c.min_atol == inf == c.min_rtol
+    # An infinity never passes, whatever the tolerance, not even against the same infinity.
+    for other in (1e38, inf):
+        c = compare("export", "s", "o", torch.tensor([1.0, inf]), torch.tensor([1.0, other]),
+                    atol=1e30, rtol=1e30)
+        assert not c.passed and c.min_atol == inf == c.min_rtol and "non-finite" in c.reason
 
 
 @pytest.mark.parametrize("where", ["reference", "candidate", "both"])
 def test_nan_never_passes(where: str) -> None:
+    """Not even against a NaN at the same place: no evidence the model works (issue #11)."""
     ref = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
     got = ref.clone()
     if where in ("reference", "both"):
@@ -230,7 +235,7 @@ def test_nan_never_passes(where: str) -> None:
     if where in ("candidate", "both"):
         got[1, 0] = float("nan")
     c = compare("export", "s", "o", ref, got, atol=1e30, rtol=1e30)
-    assert not c.passed and "a NaN never passes" in c.reason
+    assert not c.passed and "non-finite values (NaN or inf)" in c.reason
     assert c.min_atol == c.min_rtol == float("inf")
     assert c.top1 == 0.5  # the row with a NaN does not agree
     assert c.to_dict()["min_atol"] == "inf"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -122,22 +121,24 @@ def test_half_model_small_weights_train_where_the_seed_formula_gives_nan() -> No
 # ------------------------------------------------------------------------------------------ DDP
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 STEPS, GLOBAL_BATCH = 3, 8
 
 
-def _ddp_worker(rank: int, world: int, port: int, out: str, use_accumulate: bool) -> None:
+def _ddp_worker(rank: int, world: int, store: str, out: str, use_accumulate: bool) -> None:
+    import datetime
+    import os
+
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
+    # Rendezvous through a file, not a TCP port chosen in the parent: a port found free there
+    # can be taken by another process (another test run on the machine, or gloo's own
+    # ephemeral connections) before rank 0 binds it, seconds later, after spawning. Gloo's
+    # transport binds its own ephemeral loopback ports, with no such window.
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=300))
     try:
         model = DDP(ws_net("paper", init="scale"))
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -185,7 +186,8 @@ def test_ddp_two_processes_equal_one_process(tmp_path: Path, use_accumulate: boo
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     out = tmp_path / "rank0.pt"
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(out), use_accumulate), nprocs=2, join=True)
+    store = tmp_path / "rendezvous"  # fresh per test: FileStore needs a file nobody used
+    mp.spawn(_ddp_worker, args=(2, str(store), str(out), use_accumulate), nprocs=2, join=True)
     got = torch.load(out, weights_only=True)
     want = _single_process_reference()
     assert got.keys() == want.keys()
@@ -241,6 +243,30 @@ def test_compile_inductor_matches_eager_without_recompiling() -> None:
     if shutil.which("g++") is None and shutil.which("c++") is None:
         pytest.skip("torch.compile's default (inductor) backend needs a C++ compiler; none found")
     _compile_matches_eager("inductor")
+
+
+def test_compiled_eval_matches_eager_and_follows_weight_updates() -> None:
+    """Under torch.compile the WS layer recomputes inside the graph; the eager cache and the
+    compiled graph agree before and after an optimizer step."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = ws_net("scaled", init="scale").eval()
+    compiled = torch.compile(model, backend="aot_eager")
+    x, _ = batch(seed=5)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model.train()
+    F.cross_entropy(model(x), batch(seed=5)[1]).backward()
+    opt.step()
+    model.eval()
+    with torch.no_grad():
+        eager = model(x)
+        torch.testing.assert_close(compiled(x), eager, atol=1e-5, rtol=1e-4)
+        fresh = copy.deepcopy(model)  # no cache carried over: computes from the weights
+        torch.testing.assert_close(fresh(x), eager, rtol=0, atol=0)
+    torch._dynamo.reset()
 
 
 # ------------------------------------------------------- state dicts, copies, optimizers, dtypes

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from test_conventions import bit_var_mean, mmcv_aws, seed_paper, tf_keras, timm_batch_norm
@@ -230,3 +232,312 @@ def test_parametrize_round_trip_keeps_parameter() -> None:
     apply_ws(layer, inplace=True)
     assert parametrize.type_before_parametrizations(layer) is nn.Conv2d
     assert layer.parametrizations.weight.original is original
+
+
+# --------------------------------------------------- evaluation cache and training workspace
+
+
+def _eval_layer(convention: str = "paper", init: str = "plain") -> tuple[nn.Module,
+                                                                        WeightStandardization]:
+    torch.manual_seed(9)
+    layer = apply_ws(nn.Conv2d(4, 6, 3), convention, init=init).model.eval()
+    p = layer.parametrizations.weight[0]
+    assert isinstance(p, WeightStandardization)
+    return layer, p
+
+
+def _fresh(layer: nn.Module, p: WeightStandardization) -> torch.Tensor:
+    with torch.no_grad():
+        return p.standardize(layer.parametrizations.weight.original)
+
+
+def _assert_recomputed(layer: nn.Module, p: WeightStandardization, old: torch.Tensor) -> None:
+    with torch.no_grad():
+        new = layer.weight
+    assert new is not old
+    torch.testing.assert_close(new, _fresh(layer, p), rtol=0, atol=0)
+    with torch.no_grad():
+        assert layer.weight is new  # and cached again
+
+
+def test_eval_reuses_the_standardized_weight() -> None:
+    layer, p = _eval_layer()
+    with torch.no_grad():
+        first = layer.weight
+        assert layer.weight is first
+        torch.testing.assert_close(first, _fresh(layer, p), rtol=0, atol=0)
+        x = torch.randn(2, 4, 7, 7)
+        torch.testing.assert_close(layer(x), layer(x), rtol=0, atol=0)
+    with torch.inference_mode():
+        assert layer.weight is first
+
+
+def test_frozen_layer_with_grad_enabled_is_cached_and_still_passes_gradients() -> None:
+    layer, p = _eval_layer()
+    layer.requires_grad_(False)
+    x = torch.randn(1, 4, 6, 6, requires_grad=True)
+    first = layer.weight
+    assert layer.weight is first and not first.requires_grad
+    layer(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    layer.requires_grad_(True)
+    w = layer.weight
+    assert w.requires_grad and p._cache is None  # recording a gradient: no cache
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "sgd-foreach", "adamw-fused"])
+def test_optimizer_step_invalidates(optimizer: str) -> None:
+    layer, p = _eval_layer("scaled", init="scale")
+    params = list(layer.parameters())
+    opt = {"sgd": lambda: torch.optim.SGD(params, lr=0.1, foreach=False),
+           "sgd-foreach": lambda: torch.optim.SGD(params, lr=0.1, momentum=0.9, foreach=True),
+           "adamw-fused": lambda: torch.optim.AdamW(params, lr=0.1, fused=True)}[optimizer]()
+    with torch.no_grad():
+        old = layer.weight
+    layer.train()
+    layer(torch.randn(2, 4, 6, 6)).square().mean().backward()
+    layer.eval()
+    with torch.no_grad():
+        assert layer.weight is not old  # gradients alone change nothing, but the cache was freed
+        cached = layer.weight
+    opt.step()
+    _assert_recomputed(layer, p, cached)
+
+
+def test_gain_change_alone_invalidates() -> None:
+    layer, p = _eval_layer("scaled")
+    with torch.no_grad():
+        old = layer.weight
+        assert p.gain is not None
+        p.gain.mul_(2.0)
+    _assert_recomputed(layer, p, old)
+
+
+def test_load_state_dict_invalidates_weight_gamma_and_beta() -> None:
+    layer, p = _eval_layer("aws", init="exact")
+    other = apply_ws(nn.Conv2d(4, 6, 3), "aws", init="exact").model
+    for key in ("parametrizations.weight.original", "parametrizations.weight.0.gamma",
+                "parametrizations.weight.0.beta"):
+        with torch.no_grad():
+            old = layer.weight
+        state = layer.state_dict()
+        state[key] = other.state_dict()[key]
+        layer.load_state_dict(state)
+        _assert_recomputed(layer, p, old)
+    with torch.no_grad():
+        old = layer.weight
+    layer.load_state_dict(other.state_dict(), assign=True)  # new tensors, not copies
+    _assert_recomputed(layer, p, old)
+
+
+def test_copy_and_dtype_changes_invalidate() -> None:
+    layer, p = _eval_layer()
+    with torch.no_grad():
+        old = layer.weight
+        layer.parametrizations.weight.original.copy_(torch.randn(6, 4, 3, 3))
+    _assert_recomputed(layer, p, old)
+    with torch.no_grad():
+        old = layer.weight
+    layer.to(torch.float64)
+    with torch.no_grad():
+        assert layer.weight.dtype == torch.float64
+    _assert_recomputed(layer, p, old)
+    with torch.no_grad():
+        old = layer.weight
+    layer.to(torch.float32)
+    _assert_recomputed(layer, p, old)
+    with torch.no_grad():
+        assert layer.weight.dtype == torch.float32
+
+
+def test_new_storage_at_a_reused_address_invalidates() -> None:
+    """``param.data = t`` keeps the version counter; a freed storage's address can come back."""
+    layer, p = _eval_layer()
+    original = layer.parametrizations.weight.original
+    for seed in range(5):
+        with torch.no_grad():
+            old = layer.weight
+        original.data = torch.randn(6, 4, 3, 3, generator=torch.Generator().manual_seed(seed))
+        _assert_recomputed(layer, p, old)
+
+
+def test_eps_change_and_clear_cache() -> None:
+    layer, p = _eval_layer("timm")
+    with torch.no_grad():
+        old = layer.weight
+    p.eps = 1e-2
+    _assert_recomputed(layer, p, old)
+    with torch.no_grad():
+        old = layer.weight
+        # Writes through .data bypass the version counter: clear_cache is the way out.
+        layer.parametrizations.weight.original.data.mul_(3.0).add_(1.0)
+        p.clear_cache()
+    _assert_recomputed(layer, p, old)
+
+
+def test_writing_into_the_cached_weight_invalidates_it() -> None:
+    layer, p = _eval_layer()
+    with torch.no_grad():
+        w = layer.weight
+        w.mul_(0.0)
+    _assert_recomputed(layer, p, w)
+
+
+def test_accumulate_frees_the_cache_and_the_next_eval_sees_the_step() -> None:
+    layer, p = _eval_layer()
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    with torch.no_grad():
+        old = layer.weight
+    with accumulate(layer):
+        assert p._cache is None
+        with torch.no_grad():
+            inside = layer.weight
+        for _ in range(2):
+            layer(torch.randn(1, 4, 6, 6)).square().mean().backward()
+    torch.testing.assert_close(inside, old, rtol=0, atol=0)
+    opt.step()
+    _assert_recomputed(layer, p, old)
+
+
+def test_cache_memory_freed_in_training_and_workspace_freed_in_eval() -> None:
+    layer, p = _eval_layer()
+    with torch.no_grad():
+        layer(torch.randn(1, 4, 6, 6))
+    assert p._cache is not None and not p._work
+    layer.train()
+    assert p._cache is None
+    layer(torch.randn(1, 4, 6, 6)).sum().backward()
+    assert p._work and p._cache is None
+    layer.eval()
+    assert not p._work
+    with torch.no_grad():
+        layer(torch.randn(1, 4, 6, 6))
+    layer(torch.randn(1, 4, 6, 6)).sum().backward()  # grad-enabled forward in eval mode
+    assert p._cache is None
+
+
+def test_cache_never_saved_nor_copied() -> None:
+    import pickle
+
+    layer, p = _eval_layer("scaled", init="exact")
+    with torch.no_grad():
+        w = layer.weight
+    assert p._cache is not None
+    assert set(layer.state_dict()) == {
+        "bias", "parametrizations.weight.original", "parametrizations.weight.0.gain",
+        "parametrizations.weight.0.gamma", "parametrizations.weight.0.beta"}
+    clone = pickle.loads(pickle.dumps(p))
+    assert clone._cache is None and clone._work == [] and p._cache is not None
+    twin = copy.deepcopy(layer)
+    q = twin.parametrizations.weight[0]
+    assert q._cache is None
+    with torch.no_grad():
+        torch.testing.assert_close(twin.weight, w, rtol=0, atol=0)
+        twin.parametrizations.weight.original.add_(1.0)
+        assert not torch.equal(twin.weight, w)
+        assert layer.weight is w
+
+
+def test_inference_mode_caches_a_normal_tensor() -> None:
+    layer, _ = _eval_layer()
+    with torch.inference_mode():
+        w = layer.weight
+        assert layer.weight is w
+    assert not w.is_inference()
+    # Usable outside inference mode, where the conv saves it for an input's gradient.
+    x = torch.randn(1, 4, 6, 6, requires_grad=True)
+    layer.requires_grad_(False)
+    layer(x).sum().backward()
+    assert x.grad is not None
+
+
+def test_model_built_in_inference_mode_is_not_cached() -> None:
+    with torch.inference_mode():
+        layer = apply_ws(nn.Conv2d(4, 6, 3), "paper").model.eval()
+        p = layer.parametrizations.weight[0]
+        out = layer(torch.randn(1, 4, 6, 6))
+        assert p._cache is None and out.shape == (1, 6, 4, 4)
+
+
+def test_parametrize_cached_context_still_works() -> None:
+    torch.manual_seed(10)
+    net = apply_ws(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3)), "bit").model
+    x = torch.randn(2, 3, 9, 9)
+    ref = net(x)
+    with parametrize.cached():
+        torch.testing.assert_close(net(x), ref)
+        net(x).sum().backward()
+    net.eval()
+    with torch.no_grad(), parametrize.cached():
+        torch.testing.assert_close(net(x), ref)
+    assert net[0].parametrizations.weight.original.grad is not None
+
+
+def test_training_workspace_is_reused_only_when_nothing_holds_it() -> None:
+    torch.manual_seed(11)
+    layer = apply_ws(nn.Conv2d(4, 6, 3), "paper").model
+    p = layer.parametrizations.weight[0]
+    x = torch.randn(1, 4, 6, 6)
+    layer(x).sum().backward()
+    ptr = layer.weight.data_ptr()  # the graph of this access is dropped at once
+    assert ptr == p._work[0].data_ptr()
+    held = layer.weight  # a caller keeps the standardized weight ...
+    value = held.detach().clone()
+    with torch.no_grad():
+        layer.parametrizations.weight.original.add_(0.5)
+    again = layer.weight  # ... so the next one goes to a new buffer
+    assert again.data_ptr() != held.data_ptr()
+    torch.testing.assert_close(held, value, rtol=0, atol=0)
+    torch.testing.assert_close(again, _fresh(layer, p), rtol=0, atol=0)
+
+
+def test_two_forwards_before_one_backward_give_the_reference_gradients() -> None:
+    torch.manual_seed(12)
+    layer = apply_ws(nn.Conv2d(3, 4, 3).double(), "tf").model
+    twin = copy.deepcopy(layer)
+    xs = [torch.randn(1, 3, 7, 7, dtype=torch.float64) for _ in range(3)]
+    loss = sum(layer(x).square().mean() for x in xs)
+    loss.backward()  # type: ignore[union-attr]
+    w = twin.parametrizations.weight.original
+    ref = sum(torch.nn.functional.conv2d(x, ORACLES["tf"](w), twin.bias).square().mean()
+              for x in xs)
+    ref.backward()  # type: ignore[union-attr]
+    torch.testing.assert_close(layer.parametrizations.weight.original.grad, w.grad)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_activation_checkpointing_gives_the_same_gradients(reentrant: bool) -> None:
+    """Checkpointing runs the WS forward without keeping its output (no_grad, or saved-tensor
+    hooks that drop it), so the workspace is free again before the backward recomputes it."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(13)
+    net = apply_ws(nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Conv2d(6, 4, 3)), "aws").model
+    twin = copy.deepcopy(net)
+    x = torch.randn(2, 3, 9, 9, requires_grad=True)
+    for _ in range(2):  # a second step reuses the workspaces of the first
+        for m in (net, twin):
+            m.zero_grad(set_to_none=True)
+        checkpoint(net, x, use_reentrant=reentrant).square().mean().backward()
+        twin(x).square().mean().backward()
+        for (name, a), b in zip(net.named_parameters(), twin.parameters(), strict=True):
+            torch.testing.assert_close(a.grad, b.grad, msg=name)
+        with torch.no_grad():
+            for m in (net, twin):
+                for prm in m.parameters():
+                    prm.sub_(0.1 * prm.grad)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_exact_init_gradient_with_a_mean_larger_than_the_spread(offset: float) -> None:
+    """init="exact" keeps only z = gamma*y + beta for the backward, which takes beta as batch
+    norm's "mean"; with a filter mean 20x its spread the float32 gradient still matches the
+    float64 reference formula on the same (float32-rounded) weights."""
+    torch.manual_seed(14)
+    w = (torch.randn(6, 4, 3, 3) * 0.05 + offset).requires_grad_()
+    g = torch.randn(6, 4, 3, 3)
+    p = WeightStandardization(w.detach(), "paper", init="exact")
+    (p(w) * g).sum().backward()
+    ref = w.detach().double().requires_grad_()
+    (copy.deepcopy(p).double().reference(ref) * g.double()).sum().backward()
+    torch.testing.assert_close(w.grad.double(), ref.grad, atol=1e-5, rtol=1e-4)

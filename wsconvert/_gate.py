@@ -15,7 +15,7 @@ from wsconvert.defaults import GATE_BATCH_SIZES
 from wsconvert.errors import ConversionError, UsageError
 from wsconvert.fold import fold_ws
 from wsconvert.io.atomic import OutputSet
-from wsconvert.io.inputs import InputSet, load_inputs
+from wsconvert.io.inputs import InputSet, check_input_size, load_inputs
 from wsconvert.parity import (
     LocateMode,
     ParityReport,
@@ -46,10 +46,10 @@ class GatePlan:
 
 
 def plan_gate(outputs: OutputSet, seeds: int, batch_sizes: str | Sequence[int] | None,
-               inputs: PathLike | None, atol: float, rtol: float, report: PathLike | None,
-               junit: PathLike | None, save_failing: PathLike | None,
-               min_top1_agreement: float | None = None,
-               locate: LocateMode = "on_failure") -> GatePlan:
+              inputs: PathLike | None, atol: float, rtol: float, report: PathLike | None,
+              junit: PathLike | None, save_failing: PathLike | None,
+              min_top1_agreement: float | None = None,
+              locate: LocateMode = "on_failure") -> GatePlan:
     """Check the gate's options and claim its report files, before any work."""
     check_gate_options(seeds, atol, rtol)
     check_locate_options(min_top1_agreement, locate)
@@ -57,13 +57,13 @@ def plan_gate(outputs: OutputSet, seeds: int, batch_sizes: str | Sequence[int] |
     for name, path in (("report", report), ("junit", junit)):
         if path is not None and not Path(path).parent.is_dir():
             raise UsageError(f"`{name}` {path}: directory {Path(path).parent} does not exist")
-        files[name] = None if path is None else outputs.add(path, replace=True)
+        files[name] = None if path is None else outputs.add(path, replace=True, name=name)
     failing = None if save_failing is None else Path(save_failing)
     if failing is not None and failing.exists() and not failing.is_dir():
         raise UsageError(f"`save_failing` {failing}: exists and is not a directory")
     return GatePlan(seeds, parse_batch_sizes(batch_sizes),
-                     None if inputs is None else Path(inputs), atol, rtol, files["report"],
-                     files["junit"], failing, min_top1_agreement, locate)
+                    None if inputs is None else Path(inputs), atol, rtol, files["report"],
+                    files["junit"], failing, min_top1_agreement, locate)
 
 
 def fold_reference(reference: nn.Module) -> nn.Module | None:
@@ -77,17 +77,28 @@ def fold_reference(reference: nn.Module) -> nn.Module | None:
     return None if fold.noop else fold.model
 
 
-def gate_inputs(plan: GatePlan, shapes: Sequence[tuple[int, ...]],
-                 dynamic: bool) -> list[InputSet]:
+def gate_inputs(plan: GatePlan, outputs: OutputSet, shapes: Sequence[tuple[int, ...]],
+                dynamic: bool, allow_large: bool = False) -> list[InputSet]:
+    """The input sets (random ones checked against the size limit before they are made), and
+    the files ``save_failing`` would write claimed against every input and output."""
     if plan.inputs is not None:
-        return load_inputs(plan.inputs)
-    sizes = plan.batch_sizes
-    if sizes and not dynamic:
-        raise UsageError("`batch_sizes` needs a dynamic batch (export with "
-                         "`dynamic_batch=True`)")
-    if dynamic and not sizes:
-        sizes = list(GATE_BATCH_SIZES)
-    return make_inputs(shapes, plan.seeds, sizes)
+        sets = load_inputs(plan.inputs)
+    else:
+        sizes = plan.batch_sizes
+        if sizes and not dynamic:
+            raise UsageError("`batch_sizes` needs a dynamic batch (export with "
+                             "`dynamic_batch=True`)")
+        if dynamic and not sizes:
+            sizes = list(GATE_BATCH_SIZES)
+        full = [(b if b else s[0], *s[1:]) for b in (sizes or [0]) for s in shapes]
+        check_input_size(full, copies=plan.seeds, allow_large=allow_large,
+                         what="`input_shape` x `batch_sizes` x `seeds`")
+        sets = make_inputs(shapes, plan.seeds, sizes)
+    if plan.save_failing is not None:
+        for s in sets:
+            outputs.reserve(plan.save_failing / f"{s.name}.pt", name="save_failing")
+        outputs.reserve(plan.save_failing / "report.json", name="save_failing")
+    return sets
 
 
 def run_gate(plan: GatePlan, outputs: OutputSet, onnx_path: Path, run_path: Path,

@@ -12,8 +12,11 @@ WS (Qiao et al., arXiv:1903.10520) recomputes every standardized weight on each 
 
 The forms are measured alternately: every round times one step of each form, in a rotating
 order, so that drift of the machine (frequency, other processes) hits all of them alike. The
-report gives each form's median step time and its ratio to the plain median. All forms start from
-the same weights and see the same data.
+report gives each form's median and fastest step, its ratios to the plain form (median, fastest,
+and paired per round) and to each reference formulation, and an estimate of the weight-size
+memory passes the form makes per conv layer per step (:func:`estimated_passes`). With
+``evaluate`` it also times a forward pass in evaluation mode under ``torch.no_grad()``. All
+forms start from the same weights and see the same data.
 
 The library never prints; ``wsconvert bench`` renders the report.
 """
@@ -26,7 +29,7 @@ import statistics
 import time
 import types
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, cast
 
 import torch
@@ -37,16 +40,20 @@ from wsconvert.conventions import CONVENTIONS, get_convention
 from wsconvert.errors import UsageError
 
 __all__ = [
+    "OPTIMIZERS",
     "BenchConfig",
     "BenchReport",
     "BenchRow",
     "BenchSetting",
+    "estimated_passes",
     "plain_counterpart",
     "reference_net",
     "run_bench",
 ]
 
 REFERENCE_FORMS = ("seed", "timm-bn")
+OPTIMIZERS = ("sgd", "sgd-momentum", "adamw")
+MODES = ("train", "eval")
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
@@ -88,6 +95,10 @@ class BenchConfig:
         clock: ``wall`` (``time.perf_counter``, the default) or ``cpu`` (``time.process_time``,
             this process's CPU time: steadier on a machine shared with other jobs, but it also
             counts threads spinning while they wait).
+        optimizer: ``sgd`` (plain SGD, the leanest step and the default), ``sgd-momentum``
+            (momentum 0.9) or ``adamw``.
+        evaluate: also time one forward pass per form in evaluation mode under
+            ``torch.no_grad()`` (a setting with ``mode == "eval"`` after each training one).
     """
 
     batch_sizes: tuple[int, ...] = (1, 8)
@@ -101,15 +112,17 @@ class BenchConfig:
     num_classes: int | None = None
     seed: int = 0
     clock: str = "wall"
+    optimizer: str = "sgd"
+    evaluate: bool = False
 
     def validate(self) -> None:
         """Raises:
             UsageError: a setting out of range or an unknown name.
         """
         if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
-            raise UsageError(f"batch sizes must be >= 1, got {list(self.batch_sizes)}")
+            raise UsageError(f"`batch_sizes` must be >= 1, got {list(self.batch_sizes)}")
         if not self.input_shape or any(d < 1 for d in self.input_shape):
-            raise UsageError(f"input shape must be positive sizes, got {list(self.input_shape)}")
+            raise UsageError(f"`input_shape` must be positive sizes, got {list(self.input_shape)}")
         if self.accumulate < 1:
             raise UsageError(f"accumulate must be >= 1, got {self.accumulate}")
         if self.rounds < 1 or self.warmup < 0:
@@ -118,6 +131,9 @@ class BenchConfig:
             raise UsageError(f"threads must be >= 1, got {self.threads}")
         if self.clock not in CLOCKS:
             raise UsageError(f"unknown clock {self.clock!r}; choose from: {', '.join(CLOCKS)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise UsageError(f"unknown optimizer {self.optimizer!r}; choose from: "
+                             f"{', '.join(OPTIMIZERS)}")
         for name in self.conventions:
             get_convention(name)
         for ref in self.references:
@@ -137,6 +153,10 @@ class BenchRow:
         ratio: ``median_ms`` over the plain form's.
         paired_ratio: median over rounds of this form's step time over the plain step of the
             same round (steadier than ``ratio`` when the machine's load drifts).
+        min_ratio: ``min_ms`` over the plain form's (the least disturbed steps of each).
+        vs_references: ``median_ms`` over each measured reference formulation's.
+        passes: estimated weight-size memory passes per conv layer per step outside the
+            convolution kernels (:func:`estimated_passes`); ``None`` where not estimated.
     """
 
     form: str
@@ -145,14 +165,19 @@ class BenchRow:
     max_ms: float
     ratio: float
     paired_ratio: float
+    min_ratio: float = math.nan
+    vs_references: dict[str, float] = field(default_factory=dict)
+    passes: float | None = None
 
 
 @dataclass(frozen=True)
 class BenchSetting:
-    """The rows measured at one batch size."""
+    """The rows measured at one batch size, training steps (``mode == "train"``) or evaluation
+    forward passes (``"eval"``)."""
 
     batch_size: int
     rows: tuple[BenchRow, ...]
+    mode: str = "train"
 
     def row(self, form: str) -> BenchRow:
         """The row of ``form`` (``KeyError`` if it was not measured)."""
@@ -173,6 +198,7 @@ class BenchReport:
     threads: int
     clock: str
     torch_version: str
+    optimizer: str
     conv_parameters: int
     ws_layers: int
     settings: list[BenchSetting] = field(default_factory=list)
@@ -181,8 +207,8 @@ class BenchReport:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["input_shape"] = list(self.input_shape)
-        d["settings"] = [{"batch_size": s.batch_size, "rows": [asdict(r) for r in s.rows]}
-                         for s in self.settings]
+        d["settings"] = [{"batch_size": s.batch_size, "mode": s.mode,
+                          "rows": [asdict(r) for r in s.rows]} for s in self.settings]
         return d
 
 
@@ -238,6 +264,57 @@ def plain_counterpart(model: nn.Module) -> nn.Module:
     return plain
 
 
+# ----------------------------------------------------------------------- memory-pass estimate
+
+# One pass = one full read or one full write of a weight-size tensor, per conv layer, outside
+# the convolution kernels (they read the weight and write its gradient alike in every form).
+# Counted from the code each form runs (torch 2.13 single-tensor optimizers, wsconvert.ws, the
+# autograd formulas of the reference formulations); docs/performance.md shows the counts.
+_OPTIMIZER_PASSES = {"sgd": 3, "sgd-momentum": 8, "adamw": 20}
+_ACCUMULATE_PASSES = 3  # .grad += the next micro-batch's gradient
+_FORWARD_PASSES = {"wsconvert": 6, "seed": 6, "timm-bn": 4}
+_BACKWARD_PASSES = {"wsconvert": 5, "seed": 25, "timm-bn": 5}
+_AFFINE_PASSES = 2  # one more in-place sweep each: the gain (or gamma), beta
+
+
+def estimated_passes(form: str, *, optimizer: str = "sgd", accumulate: int = 1,
+                     mode: str = "train", gain: bool = False, shift: bool = False) -> int:
+    """Estimated weight-size memory passes per conv layer per step of ``form``.
+
+    Args:
+        form: ``plain``, ``wsconvert:...``, ``seed`` or ``timm-bn``.
+        optimizer: one of :data:`OPTIMIZERS`.
+        accumulate: micro-batches per optimizer step (``wsconvert`` standardizes once per
+            step inside :func:`wsconvert.accumulate`; the references once per micro-batch).
+        mode: ``train`` (one optimizer step) or ``eval`` (one forward under ``no_grad``;
+            ``wsconvert`` reuses its cached standardized weight).
+        gain: the WS layers multiply by a per-channel factor (the ``scaled`` convention,
+            ``init="scale"`` or ``init="exact"``).
+        shift: the WS layers add ``beta`` (``init="exact"``).
+
+    Raises:
+        UsageError: unknown form, optimizer or mode.
+
+    Example:
+        >>> estimated_passes("plain"), estimated_passes("wsconvert:paper")
+        (3, 14)
+    """
+    kind = "wsconvert" if form.startswith("wsconvert") else form
+    if kind not in ("plain", "wsconvert", *REFERENCE_FORMS):
+        raise UsageError(f"unknown form {form!r}")
+    if optimizer not in OPTIMIZERS or mode not in MODES:
+        raise UsageError(f"unknown optimizer {optimizer!r} or mode {mode!r}")
+    if mode == "eval":
+        return 0 if kind in ("plain", "wsconvert") else _FORWARD_PASSES[kind]
+    passes = _OPTIMIZER_PASSES[optimizer] + _ACCUMULATE_PASSES * (accumulate - 1)
+    if kind == "plain":
+        return passes
+    ws = _FORWARD_PASSES[kind] + _BACKWARD_PASSES[kind]
+    if kind == "wsconvert":
+        return passes + ws + _AFFINE_PASSES * (int(gain) + int(shift))
+    return passes + ws * accumulate
+
+
 # ---------------------------------------------------------------------------------- measuring
 
 
@@ -248,6 +325,22 @@ class _Form:
     optimizer: torch.optim.Optimizer
     use_accumulate: bool
     times: list[float] = field(default_factory=list)
+
+
+def _make_optimizer(name: str, params: Any) -> torch.optim.Optimizer:
+    # Small learning rates keep the weights (and the timings) steady over the run.
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=1e-5)
+    return torch.optim.SGD(params, lr=1e-4, momentum=0.9 if name == "sgd-momentum" else 0.0)
+
+
+def _affine(model: nn.Module) -> tuple[bool, bool]:
+    """Whether the model's WS layers multiply by a per-channel factor, and add beta."""
+    from wsconvert.surgery import ws_layers
+
+    layers = [p for _, _, p in ws_layers(model)]
+    return (any(p.gain is not None or p.gamma is not None or p.scale != 1.0 for p in layers),
+            any(p.beta is not None for p in layers))
 
 
 def _conv_parameters(model: nn.Module) -> int:
@@ -265,7 +358,7 @@ def _target_shape(model: nn.Module, example: Tensor) -> tuple[int, ...]:
     except Exception as exc:  # noqa: BLE001 - any failure means the shape does not fit
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         shape = ",".join(str(d) for d in example.shape[1:])
-        raise UsageError(f"--input-shape {shape} does not fit the model: {msg[:200]}") from None
+        raise UsageError(f"`input_shape` {shape} does not fit the model: {msg[:200]}") from None
     finally:
         model.train()
     if not isinstance(out, Tensor) or out.dim() < 2 or not out.is_floating_point():
@@ -294,17 +387,26 @@ def _step(form: _Form, batches: Sequence[tuple[Tensor, Tensor]]) -> None:
     form.optimizer.step()
 
 
-def _median_row(name: str, times: list[float], plain: list[float]) -> BenchRow:
+def _row(form: _Form, plain: list[float], passes: int | None) -> BenchRow:
+    times = form.times
     med, base = statistics.median(times), statistics.median(plain)
     paired = statistics.median(t / p for t, p in zip(times, plain, strict=True) if p > 0)
-    return BenchRow(name, med * 1e3, min(times) * 1e3, max(times) * 1e3,
-                    med / base if base > 0 else math.nan, paired)
+    return BenchRow(form.name, med * 1e3, min(times) * 1e3, max(times) * 1e3,
+                    med / base if base > 0 else math.nan, paired,
+                    min(times) / min(plain) if min(plain) > 0 else math.nan, {}, passes)
+
+
+def _with_reference_ratios(rows: list[BenchRow]) -> tuple[BenchRow, ...]:
+    refs = {r.form: r.median_ms for r in rows if r.form in REFERENCE_FORMS}
+    return tuple(replace(r, vs_references={k: r.median_ms / v for k, v in refs.items() if v > 0})
+                 for r in rows)
 
 
 def run_bench(model: nn.Module | None = None, config: BenchConfig | None = None, *,
               model_name: str | None = None,
               progress: Callable[[str], None] | None = None) -> BenchReport:
-    """Time one SGD training step of plain vs WS vs reference formulations.
+    """Time one training step (and, with ``evaluate``, one eval forward) of plain vs WS vs
+    reference formulations.
 
     Args:
         model: the model to measure, plain or with WS (a WS model is timed as it is, against its
@@ -314,7 +416,8 @@ def run_bench(model: nn.Module | None = None, config: BenchConfig | None = None,
         progress: called with a short message before each setting (the CLI shows it).
 
     Returns:
-        A :class:`BenchReport`; ratios are median step time over the plain form's.
+        A :class:`BenchReport`; ratios are step times over the plain form's (and over each
+        reference formulation's).
 
     Raises:
         UsageError: bad settings, or a model whose output cannot be trained on.
@@ -372,20 +475,33 @@ def run_bench(model: nn.Module | None = None, config: BenchConfig | None = None,
             notes.append(f"{cfg.accumulate} micro-batches per step; wsconvert rows use "
                          "wsconvert.accumulate, the others standardize per micro-batch")
 
-        settings = []
+        settings: list[BenchSetting] = []
         for batch in cfg.batch_sizes:
             if progress is not None:
                 progress(f"batch {batch}: {len(variants)} forms x {cfg.rounds} rounds")
-            settings.append(_measure(variants, cfg, batch, target))
+            settings.extend(_measure(variants, cfg, batch, target))
         return BenchReport(name, tuple(cfg.input_shape), cfg.accumulate, cfg.rounds,
-                           torch.get_num_threads(), cfg.clock, torch.__version__,
+                           torch.get_num_threads(), cfg.clock, torch.__version__, cfg.optimizer,
                            _conv_parameters(plain), n_ws, settings, notes)
     finally:
         torch.set_num_threads(old_threads)
 
 
+def _rounds(forms: list[_Form], cfg: BenchConfig, step: Callable[[_Form], None]) -> None:
+    for _ in range(cfg.warmup):
+        for f in forms:
+            step(f)
+    clock = CLOCKS[cfg.clock]
+    for r in range(cfg.rounds):
+        order = forms[r % len(forms):] + forms[:r % len(forms)]
+        for f in order:
+            t0 = clock()
+            step(f)
+            f.times.append(clock() - t0)
+
+
 def _measure(variants: list[tuple[str, nn.Module, bool]], cfg: BenchConfig, batch: int,
-             target: tuple[int, ...]) -> BenchSetting:
+             target: tuple[int, ...]) -> list[BenchSetting]:
     gen = torch.Generator().manual_seed(cfg.seed + batch)
     batches = [(torch.randn(batch, *cfg.input_shape, generator=gen),
                 torch.randint(0, target[0], (batch, *target[1:]), generator=gen))
@@ -393,18 +509,29 @@ def _measure(variants: list[tuple[str, nn.Module, bool]], cfg: BenchConfig, batc
     forms = []
     for name, model, use_acc in variants:
         m = copy.deepcopy(model).train()
-        # A small lr keeps the weights (and the timings) steady over the run.
-        opt = torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9)
-        forms.append(_Form(name, m, opt, use_acc))
-    for _ in range(cfg.warmup):
-        for f in forms:
-            _step(f, batches)
-    clock = CLOCKS[cfg.clock]
-    for r in range(cfg.rounds):
-        order = forms[r % len(forms):] + forms[:r % len(forms)]
-        for f in order:
-            t0 = clock()
-            _step(f, batches)
-            f.times.append(clock() - t0)
+        forms.append(_Form(name, m, _make_optimizer(cfg.optimizer, m.parameters()), use_acc))
+    _rounds(forms, cfg, lambda f: _step(f, batches))
     plain = forms[0].times
-    return BenchSetting(batch, tuple(_median_row(f.name, f.times, plain) for f in forms))
+    rows = []
+    for f in forms:
+        gain, shift = _affine(f.model)
+        rows.append(_row(f, plain, estimated_passes(
+            f.name.split(" ")[0], optimizer=cfg.optimizer, accumulate=cfg.accumulate,
+            gain=gain, shift=shift)))
+    settings = [BenchSetting(batch, _with_reference_ratios(rows), "train")]
+    if cfg.evaluate:
+        x = batches[0][0]
+        for f in forms:
+            f.model.eval()
+            f.times = []
+
+        def forward(f: _Form) -> None:
+            with torch.no_grad():
+                f.model(x)
+
+        _rounds(forms, cfg, forward)
+        plain = forms[0].times
+        rows = [_row(f, plain, estimated_passes(f.name.split(" ")[0], mode="eval"))
+                for f in forms]
+        settings.append(BenchSetting(batch, _with_reference_ratios(rows), "eval"))
+    return settings

@@ -22,13 +22,16 @@ import torch
 from wsconvert.examples import EXAMPLE_CHECKPOINT, EXAMPLE_FACTORY, EXAMPLE_INPUT_SHAPE
 from wsconvert.examples.shapes import make_dataset
 from wsconvert.examples.training import accuracy, fine_tune
-from wsconvert.io.atomic import save_state_dict
+from wsconvert.io.atomic import check_output, save_state_dict
 from wsconvert.io.wsfile import load, load_model, save
 from wsconvert.pipeline import convert, fold_and_export
 
-__all__ = ["STAGES", "DemoConfig", "DemoResult", "run_demo"]
+__all__ = ["FILES", "STAGES", "DemoConfig", "DemoResult", "check_outputs", "run_demo"]
 
 STAGES = ("baseline", "apply", "fine-tune", "fold", "export", "parity")
+FILES = ("tinynet.pt", "baseline.pt", "baseline.ws.pt", "tuned.ws.pt", "tuned.folded.pt",
+         "tuned.onnx", "parity.json", "parity.xml")
+"""The files the demo writes in its directory."""
 
 
 @dataclass(frozen=True)
@@ -44,11 +47,12 @@ class DemoConfig:
     groups: int = 8
     seed: int = 0
     threads: int = 1  # a 25k-parameter net: one thread is fastest, and immune to contention
+    force: bool = False  # replace files of an earlier run in ``out_dir``
 
     @classmethod
-    def quick(cls, out_dir: Path) -> DemoConfig:
+    def quick(cls, out_dir: Path, force: bool = False) -> DemoConfig:
         return cls(out_dir, train_samples=128, test_samples=128, baseline_epochs=1,
-                   finetune_epochs=1)
+                   finetune_epochs=1, force=force)
 
 
 @dataclass
@@ -70,15 +74,30 @@ class DemoResult:
                 "parity": self.parity.to_dict() if self.parity is not None else None}
 
 
+def check_outputs(config: DemoConfig) -> None:
+    """Refuse, before anything is written, to replace a file of :data:`FILES` in
+    ``config.out_dir`` without ``config.force`` (or any non-regular file there).
+
+    Raises:
+        OutputExistsError, UsageError: naming the file.
+    """
+    for name in FILES:
+        check_output(config.out_dir / name, force=config.force, name="out_dir",
+                     parent_may_be_missing=True)
+
+
 def run_demo(config: DemoConfig,
              on_stage: Callable[[str, str], None] | None = None) -> DemoResult:
     """Run every stage; ``on_stage(stage, "start" | "done")`` reports progress.
 
     Raises:
+        OutputExistsError: a file of :data:`FILES` already exists in ``out_dir`` and not
+            ``config.force`` (checked before anything is written).
         WsconvertError: any stage failing (the demo uses the same checks as the commands).
     """
     notify = on_stage or (lambda stage, event: None)
     out = config.out_dir
+    check_outputs(config)
     out.mkdir(parents=True, exist_ok=True)
     result = DemoResult(out)
     threads = torch.get_num_threads()

@@ -3,7 +3,7 @@
 Two stages, reported separately: ``fold`` (the folded PyTorch model against the WS reference) and
 ``export`` (onnxruntime against the folded PyTorch model). Every output of every input set is
 compared elementwise with ``|got - ref| <= atol + rtol * |ref|``; a case passes when every element
-does (a NaN never does). The report carries max abs / max rel / mean abs error, the share of
+does (a NaN or inf never does). The report carries max abs / max rel / mean abs error, the share of
 elements out of tolerance, the cosine similarity, the smallest atol and rtol that would have
 passed and, for classifier-like outputs, top-1 / top-5 agreement, per output; on failure (or when
 asked) the first diverging module of each failing stage (:mod:`wsconvert.locate`). It renders as
@@ -62,10 +62,10 @@ class OutputComparison:
     """One output of one input set at one stage.
 
     ``min_atol`` is the smallest atol that passes this case at the report's rtol, ``min_rtol`` the
-    smallest rtol at the report's atol (``inf``: none does, e.g. a NaN, or a non-zero error on a
-    zero reference with atol 0). ``top1`` / ``top5``: for a classifier-like output (2-D, more than
-    one class), the share of samples whose top-1 class (whose set of top-5 classes, with more
-    than 5 classes) matches the reference's; NaN otherwise.
+    smallest rtol at the report's atol (``inf``: none does, e.g. a NaN or inf, or a non-zero error
+    on a zero reference with atol 0). ``top1`` / ``top5``: for a classifier-like output (2-D,
+    more than one class), the share of samples whose top-1 class (whose set of top-5 classes,
+    with more than 5 classes) matches the reference's; NaN otherwise.
     """
 
     stage: str
@@ -380,9 +380,9 @@ def compare(stage: str, input_set: str, name: str, ref: Tensor, got: Tensor, ato
             rtol: float, *, min_top1: float | None = None) -> OutputComparison:
     """Elementwise comparison of one output, in float64.
 
-    A NaN anywhere (reference or candidate) fails the case, with ``min_atol`` / ``min_rtol`` of
-    ``inf``. With ``min_top1``, a classifier-like output (2-D, more than one class) also needs
-    top-1 agreement of at least that.
+    A NaN or inf anywhere (reference or candidate, even at the same place on both) fails the
+    case, with ``min_atol`` / ``min_rtol`` of ``inf``. With ``min_top1``, a classifier-like
+    output (2-D, more than one class) also needs top-1 agreement of at least that.
     """
     base: dict[str, Any] = {"stage": stage, "input_set": input_set, "output": name,
             "ref_shape": tuple(ref.shape), "got_shape": tuple(got.shape),
@@ -395,7 +395,8 @@ def compare(stage: str, input_set: str, name: str, ref: Tensor, got: Tensor, ato
         return OutputComparison(passed=True, max_abs=0.0, max_rel=0.0, mean_abs=0.0, frac_out=0.0,
                                 cosine=1.0, min_atol=0.0, min_rtol=0.0, **base)
     r, g = ref.detach().double(), got.detach().double()
-    nans = (int(r.isnan().sum()), int(g.isnan().sum()))
+    nonfinite = [side for side, t in (("reference", r), ("candidate", g))
+                 if not bool(torch.isfinite(t).all())]
     same = (r == g) & r.isinf()
     finite = r.isfinite() & g.isfinite()
     diff = torch.where(same, torch.zeros_like(r), (r - g).abs())
@@ -405,16 +406,15 @@ def compare(stage: str, input_set: str, name: str, ref: Tensor, got: Tensor, ato
     rf, gf = r.nan_to_num(0.0, 0.0, 0.0).flatten(), g.nan_to_num(0.0, 0.0, 0.0).flatten()
     norms = rf.norm() * gf.norm()
     cosine = float((rf @ gf) / norms) if norms > 0 else float(torch.equal(rf, gf))
-    if bool((same | finite).all()):
-        min_atol, min_rtol = _min_tolerances(diff, scale, finite, atol, rtol)
-    else:
+    if nonfinite:
         min_atol = min_rtol = math.inf
-    passed = bool(ok.all())
+    else:
+        min_atol, min_rtol = _min_tolerances(diff, scale, finite, atol, rtol)
+    passed = bool(ok.all()) and not nonfinite
     reason = "" if passed else f"{int((~ok).sum())} of {ok.numel()} elements out of tolerance"
-    if any(nans):
-        where = " and ".join(f"{n} NaN in the {side}" for n, side in zip(
-            nans, ("reference", "candidate"), strict=True) if n)
-        reason = f"{where} (a NaN never passes)"
+    if nonfinite:  # NaN equal to NaN is no evidence the model works
+        reason = (f"non-finite values (NaN or inf) in the {' and '.join(nonfinite)} output; "
+                  "they never pass")
     top1 = top5 = math.nan
     if r.dim() == 2 and r.shape[-1] > 1:
         top1, top5 = _agreement(r, g)

@@ -19,7 +19,7 @@ import copy
 import os
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +42,12 @@ from wsconvert.errors import UsageError
 from wsconvert.export import ExportConfig, ExportResult, export_onnx
 from wsconvert.fold import FoldReport, fold_ws
 from wsconvert.inspection import LayerInfo, inspect_model
-from wsconvert.io.atomic import OutputSet, save_bytes
-from wsconvert.io.inputs import infer_input_shape, parse_shapes
+from wsconvert.io.arch import arch_of
+from wsconvert.io.atomic import OutputSet, Protected, save_bytes
+from wsconvert.io.inputs import check_input_size, infer_input_shape, parse_shapes
+from wsconvert.io.safe import check_file
 from wsconvert.io.state import load_weights_into
-from wsconvert.io.wsfile import LoadedModel, load_model, ws_payload
+from wsconvert.io.wsfile import LoadedModel, check_finite, load_model, ws_payload
 from wsconvert.norms import NormSwapReport, check_groups, swap_norm
 from wsconvert.parity import LocateMode, ParityReport, graph_input_shapes, onnx_inputs
 from wsconvert.probes import ProbeSource, check_probe_options
@@ -82,6 +84,28 @@ def default_output(checkpoint: PathLike, suffix: str) -> Path:
     return path.with_name(f"{stem}{suffix}")
 
 
+def _inputs(**paths: PathLike | None) -> list[Protected]:
+    """The run's input files, by parameter name (not for the positional ones), for the output
+    checks."""
+    return [path if name in ("checkpoint", "onnx_file") else (name, path)
+            for name, path in paths.items() if path is not None]
+
+
+def _check_float32(model: nn.Module, where: PathLike) -> None:
+    """Export and the parity check feed float32 inputs: refuse other parameter dtypes clearly.
+
+    Raises:
+        UsageError: a floating-point parameter or buffer that is not float32.
+    """
+    dtypes = sorted({str(t.dtype).replace("torch.", "") for t in
+                     [*model.parameters(), *model.buffers()] if t.is_floating_point()}
+                    - {"float32"})
+    if dtypes:
+        raise UsageError(f"{where}: the model's parameters are {', '.join(dtypes)}; export and "
+                         "the parity check run in float32: build the model in float32 (call "
+                         ".float() on it in the factory)")
+
+
 # ---------------------------------------------------------------------------- inspect
 
 
@@ -111,14 +135,15 @@ class InspectResult:
 
 def inspect_checkpoint(checkpoint: PathLike, *, model: str | None = None,
                        model_kwargs: Any = None, trust: bool = False,
-                       allow_classes: Sequence[str] = ()) -> InspectResult:
+                       allow_classes: Sequence[str] = (),
+                       allow_nonfinite: bool = False) -> InspectResult:
     """Load a checkpoint and report every conv / linear layer (``wsconvert inspect``).
 
     Raises:
         WsconvertError: the checkpoint cannot be loaded.
     """
     loaded = load_model(checkpoint, model, model_kwargs, trust=trust,
-                        allow_classes=allow_classes)
+                        allow_classes=allow_classes, allow_nonfinite=allow_nonfinite)
     return InspectResult(Path(checkpoint), loaded, inspect_model(loaded.model))
 
 
@@ -166,6 +191,7 @@ def convert(checkpoint: PathLike, output: PathLike | None = None, *, model: str 
             input_shape: str | Sequence[Sequence[int]] | None = None,
             inputs: PathLike | None = None, calibrate: int = 0, drift: bool = True,
             trust: bool = False, allow_classes: Sequence[str] = (), force: bool = False,
+            allow_nonfinite: bool = False, allow_large_inputs: bool = False,
             progress: Progress = _no_progress) -> ConvertResult:
     """Put WS on a checkpoint's layers and write a WS checkpoint (``wsconvert apply``).
 
@@ -178,6 +204,9 @@ def convert(checkpoint: PathLike, output: PathLike | None = None, *, model: str 
         checkpoint: the input checkpoint (any form :func:`~wsconvert.io.wsfile.load_model` reads).
         output: the WS checkpoint [default: ``<stem>.ws.pt`` beside the input].
         norm: ``keep`` or ``gn``; the other arguments are those of the stages' functions.
+        allow_nonfinite: accept NaN / inf weights and statistics in the checkpoint.
+        allow_large_inputs: lift the size limit on probe inputs
+            (:data:`~wsconvert.io.inputs.MAX_INPUT_ELEMENTS`).
 
     Raises:
         WsconvertError: any stage failing; nothing is written then.
@@ -193,12 +222,18 @@ def convert(checkpoint: PathLike, output: PathLike | None = None, *, model: str 
                          "`drift=False`")
     check_groups(groups)
     check_probe_options(input_shape, inputs)
-    with OutputSet(force=force, protect=[checkpoint]) as outputs:
+    if input_shape is not None:
+        shapes = (parse_shapes(input_shape) if isinstance(input_shape, str)
+                  else [tuple(s) for s in input_shape])
+        check_input_size(shapes, allow_large=allow_large_inputs)
+    with OutputSet(force=force, protect=_inputs(checkpoint=checkpoint, inputs=inputs)
+                   ) as outputs:
         target = outputs.add(output if output is not None else default_output(checkpoint,
-                                                                              ".ws.pt"))
+                                                                              ".ws.pt"),
+                             name="output")
         with progress("load"):
             loaded = load_model(checkpoint, model, model_kwargs, trust=trust,
-                                allow_classes=allow_classes)
+                                allow_classes=allow_classes, allow_nonfinite=allow_nonfinite)
         with progress("apply"):
             report = apply_ws(loaded.model, convention, eps, init, include, exclude,
                               transposed=transposed, linear=linear, inplace=not drift)
@@ -248,34 +283,40 @@ def gate(onnx_file: PathLike, against: PathLike, *, model: str | None = None,
          report: PathLike | None = None, junit: PathLike | None = None,
          save_failing: PathLike | None = None, min_top1_agreement: float | None = None,
          locate: LocateMode = "on_failure", trust: bool = False,
-         allow_classes: Sequence[str] = (), progress: Progress = _no_progress) -> GateResult:
+         allow_classes: Sequence[str] = (), force: bool = False, allow_nonfinite: bool = False,
+         allow_large_inputs: bool = False, progress: Progress = _no_progress) -> GateResult:
     """Gate an ONNX file on parity with its checkpoint (``wsconvert check``).
 
     A WS reference (ours or another library's) is folded first so both stages are reported;
     shapes come from ``input_shape`` or the graph (a symbolic batch becomes 1, a dynamic batch
     is checked at :data:`~wsconvert.defaults.GATE_BATCH_SIZES`). ``result.parity.passed()`` is the
-    gate; the report files are written either way. ``min_top1_agreement`` and ``locate`` are
-    :func:`~wsconvert.parity.check_parity`'s.
+    gate; the report files are written either way. Every output (reports, and the files
+    ``save_failing`` would write) is checked against every input and every other output before
+    the model is loaded; ``force`` allows replacing files in ``save_failing`` and writing through
+    symlinks. ``min_top1_agreement`` and ``locate`` are :func:`~wsconvert.parity.check_parity`'s.
 
     Raises:
         WsconvertError: bad options or files (nothing is written then).
     """
     onnx_path = Path(onnx_file)
-    with OutputSet() as outputs:
+    with OutputSet(force=force, protect=_inputs(onnx_file=onnx_file, against=against,
+                                                inputs=inputs)) as outputs:
         plan = plan_gate(outputs, seeds, batch_sizes, inputs, atol, rtol, report, junit,
                          save_failing, min_top1_agreement, locate)
+        check_file(onnx_path)
         graph_inputs = onnx_inputs(onnx_path)
-        with progress("load"):
-            loaded = load_model(against, model, model_kwargs, trust=trust,
-                                allow_classes=allow_classes)
-        reference = loaded.model.eval()
-        with progress("fold"):
-            folded = fold_reference(reference)
         shapes, dynamic = graph_input_shapes(onnx_path, input_shape)
         if len(shapes) != len(graph_inputs) and inputs is None:
             raise UsageError(f"{onnx_path} takes {len(graph_inputs)} input(s), got {len(shapes)} "
                              "`input_shape`")
-        sets = gate_inputs(plan, shapes, dynamic)
+        sets = gate_inputs(plan, outputs, shapes, dynamic, allow_large_inputs)
+        with progress("load"):
+            loaded = load_model(against, model, model_kwargs, trust=trust,
+                                allow_classes=allow_classes, allow_nonfinite=allow_nonfinite)
+        reference = loaded.model.eval()
+        _check_float32(reference, against)
+        with progress("fold"):
+            folded = fold_reference(reference)
         with progress("gate"):
             parity = run_gate(plan, outputs, onnx_path, onnx_path, reference, folded, sets)
         outputs.commit()
@@ -304,6 +345,7 @@ class FoldResult:
     fold: FoldReport
     onnx: ExportResult | None = None
     parity: ParityReport | None = None
+    architecture: dict[str, Any] = field(default_factory=dict)
 
     @property
     def model(self) -> nn.Module:
@@ -311,7 +353,8 @@ class FoldResult:
 
     def to_dict(self) -> dict[str, Any]:
         payload: dict[str, Any] = {"input": str(self.input), "output": str(self.output),
-                                   "fold": self.fold.to_dict()}
+                                   "fold": self.fold.to_dict(),
+                                   "architecture": self.architecture}
         if self.onnx is not None:
             payload["onnx"] = self.onnx.to_dict()
         if self.parity is not None:
@@ -332,15 +375,25 @@ def fold_and_export(checkpoint: PathLike, output: PathLike | None = None, *,
                     min_top1_agreement: float | None = None,
                     locate: LocateMode = "on_failure", trust: bool = False,
                     allow_classes: Sequence[str] = (), force: bool = False,
+                    allow_nonfinite: bool = False, allow_large_inputs: bool = False,
                     progress: Progress = _no_progress) -> FoldResult:
     """Fold WS into plain weights; with ``onnx``, export and gate on parity (``wsconvert fold``).
 
-    Stages: load (``checkpoint``, or ``from_ws``'s architecture with ``checkpoint``'s weights),
-    ``fold`` (:func:`~wsconvert.fold.fold_ws`), ``export``
-    (:func:`~wsconvert.export.export_onnx`; the shape is ``input_shape`` or inferred from the
-    first conv), ``gate`` (unless ``check=False``), then the folded checkpoint (a state dict, or
-    the pickled module with ``whole_module``), the ONNX file and the reports are committed
-    together.
+    Stages: load (``checkpoint``, or ``from_ws``'s architecture with ``checkpoint``'s weights;
+    ``model`` is then the consent to run the factory ``from_ws`` records), ``fold``
+    (:func:`~wsconvert.fold.fold_ws`), ``export`` (:func:`~wsconvert.export.export_onnx`; the
+    shape is ``input_shape`` or inferred from the first conv), ``gate`` (unless ``check=False``),
+    then the folded checkpoint, the ONNX file and the reports are committed together. Every
+    output is checked against every input and every other output before any work, and nothing
+    is replaced unless every stage succeeded (a parity failure is a result: its files are
+    committed).
+
+    The folded checkpoint is a plain state dict of the architecture the model was built with
+    (``torch.load(weights_only=True)`` then ``load_state_dict``). When that architecture is not
+    the factory's own (a ``norm="gn"`` model has GroupNorms where the factory builds
+    BatchNorms), it is a wsconvert checkpoint with no WS layer instead, recording the factory
+    and the transforms, so that :func:`~wsconvert.io.wsfile.load` rebuilds it. ``whole_module``
+    writes the pickled module.
 
     Raises:
         WsconvertError: any stage failing; nothing is written then.
@@ -349,18 +402,15 @@ def fold_and_export(checkpoint: PathLike, output: PathLike | None = None, *,
                  "inputs": inputs, "batch_sizes": batch_sizes,
                  "min_top1_agreement": min_top1_agreement,
                  "locate": None if locate == "on_failure" else locate}
-    with OutputSet(force=force, protect=[checkpoint, *([from_ws] if from_ws else [])]
-                   ) as outputs:
+    protect = _inputs(checkpoint=checkpoint, from_ws=from_ws, inputs=inputs)
+    with OutputSet(force=force, protect=protect) as outputs:
         target = Path(output) if output is not None else default_output(checkpoint, ".folded.pt")
         onnx_path = None if onnx is None else Path(onnx)
-        for path in (target, onnx_path):
-            if path is not None and path.exists() and not force:
-                outputs.add(path)  # raises OutputExistsError
-        if onnx_path is not None and onnx_path.suffix != ".onnx":
-            raise UsageError(f"`onnx` {onnx_path}: the file name should end in .onnx")
-        if from_ws is not None and (model or model_kwargs):
-            raise UsageError("`model` / `model_kwargs` do not apply with `from_ws`: the "
-                             "architecture comes from the WS checkpoint")
+        outputs.add(target, name="output")
+        if onnx_path is not None:
+            outputs.add(onnx_path, name="onnx")
+            if onnx_path.suffix != ".onnx":
+                raise UsageError(f"`onnx` {onnx_path}: the file name should end in .onnx")
         unused = [f"`{name}`" for name, value in gate_args.items() if value is not None]
         if unused and (onnx_path is None or not check):
             raise UsageError(f"{', '.join(unused)} need the parity check (`onnx` without "
@@ -368,28 +418,35 @@ def fold_and_export(checkpoint: PathLike, output: PathLike | None = None, *,
         plan = (plan_gate(outputs, seeds, batch_sizes, inputs, atol, rtol, report, junit,
                           save_failing, min_top1_agreement, locate)
                 if onnx_path is not None and check else None)
-        outputs.add(target)
-        if onnx_path is not None:
-            outputs.add(onnx_path)
         shapes = parse_shapes(input_shape or [])
+        check_input_size(shapes, allow_large=allow_large_inputs)
         with progress("load"):
             if from_ws is not None:
-                ws_model = load_model(from_ws, trust=trust, allow_classes=allow_classes).model
+                ws_model = load_model(from_ws, model, model_kwargs, trust=trust,
+                                      allow_classes=allow_classes,
+                                      allow_nonfinite=allow_nonfinite).model
                 load_weights_into(ws_model, checkpoint, trust=trust,
                                   allow_classes=allow_classes)
+                check_finite(ws_model, str(checkpoint), allow_nonfinite=allow_nonfinite)
             else:
                 ws_model = load_model(checkpoint, model, model_kwargs, trust=trust,
-                                      allow_classes=allow_classes).model
+                                      allow_classes=allow_classes,
+                                      allow_nonfinite=allow_nonfinite).model
         ws_model.eval()
         with progress("fold"):
             folded = fold_ws(ws_model, fuse_bn=fuse_bn, bake_unknown=bake_unknown)
         result = FoldResult(Path(checkpoint), target, ws_model, folded)
+        arch = arch_of(folded.model) or arch_of(ws_model)
+        record = not whole_module and bool(arch and arch.get("transforms"))
+        result.architecture = _architecture(arch, whole_module, record)
         sets = None
         if onnx_path is not None:
+            _check_float32(folded.model, checkpoint)
             config = ExportConfig(tuple(shapes) or (infer_input_shape(folded.model),),
                                   dynamic_batch=dynamic_batch, opset=opset)
             if plan is not None:
-                sets = gate_inputs(plan, list(config.input_shapes), dynamic_batch)
+                sets = gate_inputs(plan, outputs, list(config.input_shapes), dynamic_batch,
+                                    allow_large_inputs)
             with progress("export"):
                 staged = outputs.stage(onnx_path)
                 exported = export_onnx(copy.deepcopy(folded.model), staged, config, force=force)
@@ -402,9 +459,33 @@ def fold_and_export(checkpoint: PathLike, output: PathLike | None = None, *,
             result.onnx = exported
         with progress("save"):
             model_out = folded.model
-            save_bytes(model_out if whole_module else model_out.state_dict(),
-                       outputs.stage(target))
+            if record:
+                payload: Any = ws_payload(model_out)
+            else:
+                payload = model_out if whole_module else model_out.state_dict()
+            save_bytes(payload, outputs.stage(target))
             outputs.commit()
     if plan is not None and result.parity is not None and sets is not None:
         save_failing_stage(plan, result.parity, sets)
     return result
+
+
+def _architecture(arch: dict[str, Any] | None, whole_module: bool,
+                  record: bool) -> dict[str, Any]:
+    """What the folded file holds and which architecture it fits (``fold --json``)."""
+    if whole_module:
+        return {"file": "module", "summary": "the pickled module (loading needs trust)"}
+    if arch is None or arch.get("kind") != "factory":
+        return {"file": "state_dict", "summary": "a state dict of the loaded model's "
+                "architecture"}
+    factory = str(arch.get("factory"))
+    if not record:
+        return {"file": "state_dict", "factory": factory,
+                "summary": f"a state dict for {factory}"}
+    swapped = sum(len(t.get("layers") or {}) for t in arch.get("transforms", [])
+                  if t.get("transform") == "group_norm")
+    transforms = [dict(t) for t in arch.get("transforms", [])]
+    return {"file": "wsconvert", "factory": factory, "transforms": transforms,
+            "summary": f"a wsconvert checkpoint for {factory} with {swapped} BatchNorm(s) as "
+                       "GroupNorm (not the factory's own architecture); rebuild it with "
+                       "wsconvert.load"}

@@ -248,6 +248,12 @@ def apply_ws(model: nn.Module, convention: str = "paper", eps: float | None = No
             report.layers.append(LayerRecord(name, _kind(module), shape, fan, "skipped", reason))
             continue
         p = _register(module, spec.name, eps, init)
+        with torch.no_grad():
+            finite = bool(torch.isfinite(module.weight).all())
+        if not finite:
+            raise ConversionError(
+                f"layer {name}: standardizing gives non-finite weights (a constant filter has "
+                f"std 0 and eps={p.eps:g} does not cover it); use `eps` > 0 or exclude the layer")
         report.layers.append(LayerRecord(name, _kind(module), shape, fan, "converted",
                                          convention=spec.name, eps=p.eps, init=init))
     if not report.converted:

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from wsconvert._gate import GatePlan, fold_reference, gate_inputs
 from wsconvert.defaults import GATE_ATOL, GATE_RTOL, GATE_SEEDS
 from wsconvert.errors import UsageError
+from wsconvert.io.atomic import OutputSet
 from wsconvert.io.inputs import InputSet
 from wsconvert.parity import (
     LocateMode,
@@ -120,7 +121,11 @@ def assert_parity(onnx_path: str | os.PathLike[str],
         onnx_path, None if input_shape is None else _shape_texts(input_shape))
     net = _reference(reference, model, model_kwargs).eval()
     folded = fold_reference(net)
-    sets = given if given is not None else gate_inputs(plan, shapes, dynamic)
+    if given is not None:
+        sets = given
+    else:
+        with OutputSet() as nothing_written:  # assert_parity writes no file
+            sets = gate_inputs(plan, nothing_written, shapes, dynamic)
     report = check_parity(onnx_path, net, sets, folded=folded, atol=atol, rtol=rtol,
                           min_top1_agreement=min_top1_agreement, locate=locate)
     if not report.passed():

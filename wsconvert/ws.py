@@ -14,19 +14,30 @@ with ``y`` the standardized rows, ``s`` the inverse spread and ``k`` set by the 
 (``s * N / (N - b)`` with eps inside the square root, ``N / ((N - b) * sigma)`` with eps added to
 the std, ``b`` = 1 for the unbiased variance). That is batch norm's training backward for a
 zero-mean input, so it runs as ATen's fused ``native_batch_norm_backward`` kernel, which also
-returns the per-channel gain gradient. :func:`accumulate` goes further for gradient accumulation:
-one standardization per optimizer step instead of one per micro-batch, with exactly the same
-gradients. Figures: docs/performance.md.
+returns the per-channel gain gradient. Only the output is saved for it (gamma / beta included:
+the kernel's "mean" argument takes beta). On CPU the output goes into a per-layer workspace that
+is reused once nothing holds the previous step's value, instead of a fresh page-faulting tensor
+per step. :func:`accumulate` goes further for gradient accumulation: one standardization per
+optimizer step instead of one per micro-batch, with exactly the same gradients.
+
+Evaluation: when no gradient is recorded, the standardized weight is cached and reused until one
+of its inputs changes, which is detected exactly (storage identity, version counters, layout,
+dtype, device, eps, and any ``optimizer.step()``, since fused optimizers do not bump version
+counters). Training frees the cache; the cache is never saved, pickled or copied. Figures and
+pass counts: docs/performance.md.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 from torch import Tensor, nn
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.nn.utils import parametrize
 
 from wsconvert.conventions import (
@@ -53,6 +64,22 @@ INIT_MODES = ("plain", "scale", "exact")
 
 
 _bn_backward = torch.ops.aten.native_batch_norm_backward
+_FLOATS = (torch.float32, torch.float64)
+# How many live tensors use a storage (``None`` where this torch lacks the helper: then no
+# workspace is ever reused).
+_storage_use_count: Callable[[int], int] | None = getattr(torch._C, "_storage_Use_Count", None)
+
+
+_WORKSPACE_LOCK = threading.Lock()
+
+
+def _only_holder(work: Tensor) -> bool:
+    """True when ``work`` is the one tensor using its storage (no view, saved copy or alias of
+    it is alive anywhere), so writing into it cannot change a value someone still holds."""
+    if _storage_use_count is None:
+        return False
+    # ``untyped_storage()`` creates one more (temporary) holder: 2 means ``work`` alone.
+    return _storage_use_count(work.untyped_storage()._cdata) == 2
 
 
 class _Standardize(torch.autograd.Function):
@@ -60,21 +87,29 @@ class _Standardize(torch.autograd.Function):
     wider, closed-form backward.
 
     The backward ``a * s * (g - mean(g) - r * mean(g * y) * y)`` (``y = (x - mu) * s``,
-    ``r = k / s``) is exactly batch norm's training backward for an input ``y`` with mean 0,
-    "inverse std" ``sqrt(r)`` and affine weight ``a * s / sqrt(r)``; ATen's fused kernel does it in
-    two passes over the rows and also returns ``sum(g * y)`` (the gradient of ``a``).
+    ``r = k / s``) is exactly batch norm's training backward for the input ``z`` with "mean"
+    ``c``, "inverse std" ``sqrt(r) / a`` and affine weight ``a * s / sqrt(r) * a``: the
+    normalized input ``(z - c) * sqrt(r) / a`` is ``y * sqrt(r)``. ATen's fused kernel does it
+    row by row (two sweeps over a row that is still in cache) and also returns ``sum(g * y)``
+    and ``sum(g)``, the gradients of ``a`` and ``c``. Only ``z`` is saved.
+
+    ``out``, when given, is a float32/float64 buffer of the rows' shape that receives ``z``
+    (a reused workspace: no fresh allocation, hence no page faults, on every step).
     """
 
     @staticmethod
     def forward(ctx: Any, rows: Tensor, eps: float, unbiased: bool, eps_in_sqrt: bool,
-                scale: Tensor | None, shift: Tensor | None) -> Tensor:
-        x = rows if rows.dtype in (torch.float32, torch.float64) else rows.float()
+                scale: Tensor | None, shift: Tensor | None, out: Tensor | None) -> Tensor:
+        x = rows if rows.dtype in _FLOATS else rows.float()
         n = x.shape[1]
         b = 1 if unbiased else 0
         ratio = n / max(n - b, 1)
-        # Centre, then the norm of the centred rows: as exact as ``var_mean`` and several times
-        # faster on CPU, where ``var_mean``'s Welford kernel is compute-bound.
-        y = x - x.mean(dim=1, keepdim=True)
+        # Mean, centre, norm of the centred rows: two reads and a write, exact like a two-pass
+        # variance. ``var_mean`` would read once but its Welford kernel is compute-bound on CPU
+        # (8x slower here); the sum of squares in one pass cancels catastrophically when
+        # |mean| >> std.
+        mu = x.mean(dim=1, keepdim=True)
+        y = torch.sub(x, mu, out=out) if out is not None else x - mu
         norm = torch.linalg.vector_norm(y, dim=1, keepdim=True)
         if eps_in_sqrt:
             s = norm.square_().div_(n - b).add_(eps).rsqrt_()
@@ -86,48 +121,135 @@ class _Standardize(torch.autograd.Function):
             # subgradient s * (g - mean(g)).
             r = torch.where(sigma > 0, (sigma + eps).div_(sigma), 1.0).mul_(ratio)
             sqrt_r = r.sqrt_()
-        y.mul_(s)
         a = None if scale is None else scale.to(y.dtype).unsqueeze(1)
+        c = None if shift is None else shift.to(y.dtype).unsqueeze(1)
         ctx.dtypes = (rows.dtype, None if scale is None else scale.dtype,
                       None if shift is None else shift.dtype)
-        if a is not None and shift is None and bool((a != 0).all()):
-            # Scale in place and hand the kernel z = a * y with inverse std sqrt(r) / a: the same
-            # normalized input, one full-size tensor less.
-            z = y.mul_(a)
-            ctx.save_for_backward(z, s, sqrt_r / a, sqrt_r, a)
+        o = y.shape[0]
+        # z - c gives back a * y to within ulp(c) / |a|: the order of the forward's own centring
+        # error, ulp(mu) / sigma (for init="exact", c = mu and a = sigma).
+        if a is None or bool((a != 0).all()):
+            # In place: z = (y * s) * a + c, and z is all the backward needs. s and a are
+            # applied in two sweeps, not one by s * a: the rounding of earlier releases, so
+            # saved models give bit-identical outputs (tests/test_wsfile.py).
+            z = y.mul_(s)
+            if a is not None:
+                z.mul_(a)
+            if c is not None:
+                z.add_(c)
+            invstd = sqrt_r if a is None else sqrt_r / a
+            ctx.save_for_backward(z, s, invstd, sqrt_r, a,
+                                  z.new_zeros(o) if c is None else c.view(o))
         else:
-            ctx.save_for_backward(y, s, sqrt_r, sqrt_r, a)
-            z = y if a is None else y * a
-            if shift is not None:
-                z = (z if a is not None else z.clone()).add_(shift.to(y.dtype).unsqueeze(1))
+            # A zero gain: z no longer determines y, so y is kept (one more tensor).
+            y.mul_(s)
+            ctx.save_for_backward(y, s, sqrt_r, sqrt_r, a, y.new_zeros(o))
+            z = y * a
+            if c is not None:
+                z.add_(c)
         return z if rows.dtype is z.dtype else z.to(rows.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: Tensor
-                 ) -> tuple[Tensor | None, None, None, None, Tensor | None, Tensor | None]:
-        # xin * invstd is the normalized row y * sqrt(r) (xin = y or a * y, see forward).
-        xin, s, invstd, sqrt_r, a = ctx.saved_tensors
+                 ) -> tuple[Tensor | None, None, None, None, Tensor | None, Tensor | None, None]:
+        # (xin - mean) * invstd is the normalized row y * sqrt(r) (see forward).
+        xin, s, invstd, sqrt_r, a, mean = ctx.saved_tensors
         rows_dtype, scale_dtype, shift_dtype = ctx.dtypes
         g = grad if grad.dtype is xin.dtype else grad.to(xin.dtype)
         o = xin.shape[0]
         w = (s / invstd) if a is None else (s * a / invstd)
         want_a, want_c = ctx.needs_input_grad[4], ctx.needs_input_grad[5]
         gx, gw, gc = _bn_backward(g.unsqueeze(0), xin.unsqueeze(0), w.view(o), None, None,
-                                  xin.new_zeros(o), invstd.view(o), True, 0.0,
+                                  mean, invstd.view(o), True, 0.0,
                                   [ctx.needs_input_grad[0], want_a, want_c])
         if gx is not None:
             gx = gx.view(xin.shape)
             gx = gx if gx.dtype is rows_dtype else gx.to(rows_dtype)
         ga = gw.div_(sqrt_r.view(o)).to(scale_dtype) if want_a else None
         gc = gc.to(shift_dtype) if want_c else None
-        return gx, None, None, None, ga, gc
+        return gx, None, None, None, ga, gc, None
 
 
 def _no_autocast(device_type: str) -> contextlib.AbstractContextManager[Any]:
     if torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
+
+
+_CACHE_SAFE_TYPES = (Tensor, nn.Parameter)
+
+
+_is_functorch_wrapped: Callable[[Tensor], bool] = getattr(
+    getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", lambda t: False)
+
+
+def _plain_tensors(tensors: tuple[Tensor | None, ...]) -> bool:
+    """Tensors whose storage and version counter identify their value: not inference tensors
+    (no version counter), not functorch wrappers or subclasses (no storage of their own)."""
+    for t in tensors:
+        if t is None:
+            continue
+        if type(t) not in _CACHE_SAFE_TYPES or t.is_inference():
+            return False
+        if _is_functorch_wrapped(t):
+            return False
+    return True
+
+
+def _meta(t: Tensor) -> tuple[Any, ...]:
+    return (t.data_ptr(), t._version, t.shape, t.stride(), t.storage_offset(), t.dtype,
+            t.device)
+
+
+class _OptimizerSteps:
+    """Counts ``optimizer.step()`` calls process-wide (a global step post hook, registered the
+    first time a WS layer caches a weight). Fused optimizers (``fused=True``) write parameters
+    without bumping their version counters, so a step anywhere invalidates every cache."""
+
+    count = 0
+    _handle: Any = None
+
+    @classmethod
+    def watch(cls) -> int:
+        if cls._handle is None:
+            from torch.optim.optimizer import register_optimizer_step_post_hook
+
+            cls._handle = register_optimizer_step_post_hook(cls._bump)
+        return cls.count
+
+    @classmethod
+    def _bump(cls, optimizer: Any, args: Any, kwargs: Any) -> None:
+        cls.count += 1
+
+
+class _Stamp:
+    """Exactly which tensor values a cached result was computed from.
+
+    Per tensor: a weak reference to its storage (a freed storage invalidates, even if a new one
+    later lands at the same address), its address, version counter (bumped by every in-place
+    write: optimizer steps, ``copy_``, ``load_state_dict``), layout, dtype and device.
+    """
+
+    __slots__ = ("extra", "meta", "present", "refs")
+
+    def __init__(self, tensors: tuple[Tensor | None, ...], extra: tuple[Any, ...]) -> None:
+        self.present = tuple(t is not None for t in tensors)
+        self.refs = [StorageWeakRef(t.untyped_storage())  # type: ignore[no-untyped-call]
+                     for t in tensors if t is not None]
+        self.meta = [_meta(t) for t in tensors if t is not None]
+        self.extra = extra
+
+    def matches(self, tensors: tuple[Tensor | None, ...], extra: tuple[Any, ...]) -> bool:
+        if extra != self.extra or self.present != tuple(t is not None for t in tensors):
+            return False
+        try:
+            if any(_meta(t) != m for t, m in zip(
+                    (t for t in tensors if t is not None), self.meta, strict=True)):
+                return False
+        except RuntimeError:  # no storage or no version counter (wrapper, inference tensor)
+            return False
+        return not any(r.expired() for r in self.refs)  # type: ignore[no-untyped-call]
 
 
 class WeightStandardization(nn.Module):
@@ -195,6 +317,38 @@ class WeightStandardization(nn.Module):
                 self.gamma = magnitude
                 self.beta = mu.to(weight.dtype)
         self._accum: tuple[Tensor, Tensor] | None = None
+        self._reset_transient()
+
+    def _reset_transient(self) -> None:
+        # Never saved (state_dict, pickle, deepcopy): see __getstate__.
+        self._cache: tuple[_Stamp, Tensor, int] | None = None
+        self._work: list[Tensor] = []
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.update(_accum=None, _cache=None, _work=[])
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # type: ignore[no-untyped-call]
+        self._accum = None
+        self._reset_transient()
+
+    def train(self, mode: bool = True) -> WeightStandardization:
+        """Training frees the evaluation cache; evaluation frees the training workspace."""
+        if mode:
+            self._cache = None
+        else:
+            self._work = []
+        return super().train(mode)
+
+    def clear_cache(self) -> None:
+        """Drop the cached evaluation weight and the training workspace.
+
+        Only needed after writing the trainable weight through ``.data`` (or another path that
+        bypasses its version counter), which no cache can see.
+        """
+        self._reset_transient()
 
     @property
     def spec(self) -> Convention:
@@ -225,19 +379,83 @@ class WeightStandardization(nn.Module):
         return a, None if self.beta is None else self.beta.to(dt)
 
     def standardize(self, weight: Tensor) -> Tensor:
-        """Standardized weight, always computed (ignores :func:`accumulate`)."""
+        """Standardized weight, always computed (ignores :func:`accumulate` and the cache)."""
+        return self._compute(weight, reuse=False)
+
+    def _workspace(self, rows: Tensor) -> Tensor | None:
+        """A buffer for the standardized rows that nothing else still uses (CPU only).
+
+        A fresh weight-size tensor per layer per step costs page faults on CPU (glibc returns
+        freed large blocks to the system); the CUDA caching allocator needs no such help.
+        """
+        if (rows.device.type != "cpu" or rows.dtype not in _FLOATS
+                or torch.compiler.is_compiling()):
+            return None
+        with _WORKSPACE_LOCK:  # check and take (a new alias holds it) as one step
+            for w in self._work:
+                if (w.shape == rows.shape and w.dtype == rows.dtype
+                        and w.device == rows.device and _only_holder(w)):
+                    return w.detach()
+            new = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
+            # At most two: a layer called twice per step (shared weights) reuses both.
+            self._work = [*self._work[-1:], new]
+            return new.detach()
+
+    def _compute(self, weight: Tensor, reuse: bool) -> Tensor:
         rows = to_rows(weight, transposed=self.transposed, groups=self.groups)
         spec = self.spec
         with _no_autocast(weight.device.type):
             a, c = self._row_affine(rows)
+            out = self._workspace(rows) if reuse else None
             y = cast(Tensor, _Standardize.apply(  # type: ignore[no-untyped-call]
-                rows.contiguous(), self.eps, spec.unbiased, spec.eps_in_sqrt, a, c))
+                rows.contiguous(), self.eps, spec.unbiased, spec.eps_in_sqrt, a, c, out))
         return from_rows(y, weight.shape, transposed=self.transposed, groups=self.groups)
+
+    def _records_grad(self, weight: Tensor) -> bool:
+        if not torch.is_grad_enabled():
+            return False
+        if weight.requires_grad:
+            return True
+        # Direct dict reads: this runs on every forward.
+        return any(t is not None and t.requires_grad
+                   for t in (self._parameters.get("gain"), self._buffers.get("gamma"),
+                             self._buffers.get("beta")))
+
+    def _cached(self, weight: Tensor) -> Tensor:
+        """The standardized weight, recomputed only when an input changed (no gradient)."""
+        # Runs on every evaluation forward: plain dict reads and writes, not Module attribute
+        # machinery.
+        state = self.__dict__
+        if state["_work"]:
+            state["_work"] = []
+        tensors = (weight, self._parameters.get("gain"), self._buffers.get("gamma"),
+                   self._buffers.get("beta"))
+        extra = (_OptimizerSteps.count, self.convention, self.eps, self.scale,
+                 self.transposed, self.groups)
+        hit = state["_cache"]
+        if (hit is not None and hit[1]._version == hit[2] and type(weight) in _CACHE_SAFE_TYPES
+                and forward_ad._current_level < 0 and hit[0].matches(tensors, extra)):
+            return cast(Tensor, hit[1])
+        state["_cache"] = None  # release the stale value before computing the new one
+        if not _plain_tensors(tensors) or forward_ad._current_level >= 0:
+            return self._compute(weight, reuse=False)
+        _OptimizerSteps.watch()
+        # A normal tensor even under inference_mode: it has a version counter (a caller writing
+        # into it invalidates it) and may later be used outside inference mode.
+        with torch.inference_mode(False), torch.no_grad():
+            value = self._compute(weight, reuse=False)
+        state["_cache"] = (_Stamp(tensors, extra), value, value._version)
+        return value
 
     def forward(self, weight: Tensor) -> Tensor:
         if self._accum is not None:
             return self._accum[1]
-        return self.standardize(weight)
+        if torch.compiler.is_compiling():
+            return self._compute(weight, reuse=False)
+        if self._records_grad(weight):
+            self.__dict__["_cache"] = None  # training frees the evaluation cache
+            return self._compute(weight, reuse=True)
+        return self._cached(weight)
 
     def reference(self, weight: Tensor) -> Tensor:
         """Same value through the plain-autograd formula, in ``weight``'s dtype (for folding)."""
@@ -311,7 +529,8 @@ def accumulate(model: nn.Module) -> Iterator[None]:
     try:
         with torch.enable_grad():
             for p, module in layers:
-                full = p.standardize(trainable_weight(module))
+                p._cache = None
+                full = p._compute(trainable_weight(module), reuse=True)
                 leaf = full.detach().requires_grad_(full.requires_grad)
                 p._accum = (full, leaf)
                 entered.append(p)

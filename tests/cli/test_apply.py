@@ -32,13 +32,13 @@ def test_apply_json_and_inspect(cli: Cli, net_state: Path) -> None:
     assert report["converted"] == 3 and report["convention"] == "timm"
     assert cli.sha(net_state) == before
 
-    proc = cli.run("inspect", out, "--json", cwd=net_state.parent)
+    proc = cli.run("inspect", out, "-m", "wsnets:build", "--json", cwd=net_state.parent)
     assert proc.returncode == 0, proc.stderr
     info = {r["name"]: r for r in json.loads(proc.stdout)["layers"]}
     assert info["stem"]["ws"] == "wsconvert" and info["stem"]["convention"] == "timm"
     assert info["dw1"]["ws"] == "none" and info["dw1"]["fan_in"] == 1
 
-    model = wsconvert.load(out)
+    model = wsconvert.load(out, model="wsnets:build")
     assert len(list(wsconvert.surgery.ws_layers(model))) == 3
 
 
@@ -61,7 +61,8 @@ def test_apply_errors_one_line_exit_2(cli: Cli, net_state: Path) -> None:
     assert cli.run("apply", net_state, "-m", "wsnets:build", cwd=cwd).returncode == 0
     cli.one_line_error(cli.run("apply", net_state, "-m", "wsnets:build", cwd=cwd), 2,
                        "already exists")
-    cli.one_line_error(cli.run("apply", cwd / "net.ws.pt", "-o", "again.pt", cwd=cwd), 2,
+    cli.one_line_error(cli.run("apply", cwd / "net.ws.pt", "-m", "wsnets:build", "-o", "again.pt",
+                               cwd=cwd), 2,
                        "already has Weight Standardization")
     assert not (cwd / "again.pt").exists()
     torch.save(torch.nn.Sequential(torch.nn.Linear(2, 2)).state_dict(), cwd / "lin.pt")
@@ -95,7 +96,7 @@ def test_cli_apply_norm_gn_json(cli: Cli, net_state: Path) -> None:
     assert drift["before"]["layers"][0]["name"] == "stem"
     assert {r["name"]: r["converted_kind"] for r in drift["before"]["layers"]}["bn"] == "GroupNorm"
     assert drift["large"] and "GroupNorm swap" in drift["suggestion"]
-    model = wsconvert.load(net_state.with_name("net.ws.pt"))
+    model = wsconvert.load(net_state.with_name("net.ws.pt"), model="wsnets:build")
     assert isinstance(model.bn, nn.GroupNorm) and model.bn.num_groups == 2
 
 

@@ -30,9 +30,9 @@ def ws_ckpt(cli: Cli, net_state: Path) -> Path:
 def test_fold_onnx_check_gate(cli: Cli, ws_ckpt: Path) -> None:
     cwd = ws_ckpt.parent
     before = cli.sha(ws_ckpt)
-    proc = cli.run("fold", ws_ckpt, "--onnx", "net.onnx", "--input-shape", "1,3,16,16",
-                   "--dynamic-batch", "--junit", "fold.xml", "--report", "fold.json", "--json",
-                   cwd=cwd)
+    proc = cli.run("fold", ws_ckpt, "-m", "wsnets:build", "--onnx", "net.onnx", "--input-shape",
+                   "1,3,16,16", "--dynamic-batch", "--junit", "fold.xml", "--report", "fold.json",
+                   "--json", cwd=cwd)
     assert proc.returncode == 0, proc.stderr
     payload = json.loads(proc.stdout)
     assert payload["output"] == str(cwd / "net.folded.pt")
@@ -51,8 +51,8 @@ def test_fold_onnx_check_gate(cli: Cli, ws_ckpt: Path) -> None:
     plain = wsnets.build()
     plain.load_state_dict(torch.load(cwd / "net.folded.pt", weights_only=True), strict=True)
 
-    proc = cli.run("check", "net.onnx", "--against", ws_ckpt, "--seeds", "3", "--batch-sizes", "2",
-                   "--junit", "check.xml", cwd=cwd)
+    proc = cli.run("check", "net.onnx", "--against", ws_ckpt, "-m", "wsnets:build", "--seeds", "3",
+                   "--batch-sizes", "2", "--junit", "check.xml", cwd=cwd)
     assert proc.returncode == 0, proc.stderr
     assert "parity holds" in proc.stdout
     proc = cli.run("check", "net.onnx", "--against", "net.folded.pt", "-m", "wsnets:build",
@@ -68,8 +68,8 @@ def test_fold_onnx_check_gate(cli: Cli, ws_ckpt: Path) -> None:
     arr.flat[0] += 0.1
     init.CopyFrom(numpy_helper.from_array(arr, init.name))
     onnx.save(proto, str(cwd / "bad.onnx"))
-    proc = cli.run("check", "bad.onnx", "--against", ws_ckpt, "--json", "--junit", "bad.xml",
-                   "--save-failing", "failing", cwd=cwd)
+    proc = cli.run("check", "bad.onnx", "--against", ws_ckpt, "-m", "wsnets:build", "--json",
+                   "--junit", "bad.xml", "--save-failing", "failing", cwd=cwd)
     cli.one_line_error(proc, 1, "parity fails")
     assert json.loads(proc.stdout)["parity"]["passed"] is False
     assert ET.parse(cwd / "bad.xml").findall(".//failure")
@@ -78,13 +78,14 @@ def test_fold_onnx_check_gate(cli: Cli, ws_ckpt: Path) -> None:
 
 def test_fold_from_training_state_dict(cli: Cli, ws_ckpt: Path) -> None:
     cwd = ws_ckpt.parent
-    model = wsconvert.load(ws_ckpt)
+    model = wsconvert.load(ws_ckpt, model="wsnets:build")
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     model(torch.randn(2, 3, 12, 12)).sum().backward()
     opt.step()
     torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}},
                cwd / "tuned.pt")
-    proc = cli.run("fold", "tuned.pt", "--from", ws_ckpt, "--json", cwd=cwd)
+    proc = cli.run("fold", "tuned.pt", "--from", ws_ckpt, "-m", "wsnets:build", "--json",
+                   cwd=cwd)
     assert proc.returncode == 0, proc.stderr
     import wsnets  # type: ignore[import-not-found]
 
@@ -106,8 +107,8 @@ def test_fold_multi_input_model(cli: Cli, nets_dir: Path) -> None:
     torch.save(wsnets.mixed().state_dict(), nets_dir / "mixed.pt")
     assert cli.run("apply", "mixed.pt", "-m", "wsnets:mixed", "--transposed", "--linear",
                    cwd=nets_dir).returncode == 0
-    proc = cli.run("fold", "mixed.ws.pt", "--onnx", "mixed.onnx", "--input-shape", "2,4,9",
-                   "--input-shape", "2,2,3,5,5", "--json", cwd=nets_dir)
+    proc = cli.run("fold", "mixed.ws.pt", "-m", "wsnets:mixed", "--onnx", "mixed.onnx",
+                   "--input-shape", "2,4,9", "--input-shape", "2,2,3,5,5", "--json", cwd=nets_dir)
     assert proc.returncode == 0, proc.stderr
     payload = json.loads(proc.stdout)
     assert payload["parity"]["passed"] and len(payload["onnx"]["inputs"]) == 2
@@ -115,16 +116,16 @@ def test_fold_multi_input_model(cli: Cli, nets_dir: Path) -> None:
 
 def test_fold_check_bad_input(cli: Cli, ws_ckpt: Path) -> None:
     cwd = ws_ckpt.parent
-    cli.one_line_error(cli.run("check", "missing.onnx", "--against", ws_ckpt, cwd=cwd), 2,
-                       "missing.onnx")
+    cli.one_line_error(cli.run("check", "missing.onnx", "--against", ws_ckpt, "-m",
+                               "wsnets:build", cwd=cwd), 2, "missing.onnx")
     (cwd / "junk.onnx").write_bytes(b"\x08\x07" + bytes(range(256)) * 3)
-    cli.one_line_error(cli.run("check", "junk.onnx", "--against", ws_ckpt, cwd=cwd), 2, "junk.onnx")
+    cli.one_line_error(cli.run("check", "junk.onnx", "--against", ws_ckpt, "-m", "wsnets:build",
+                               cwd=cwd), 2, "junk.onnx")
     cli.one_line_error(cli.run("apply", "junk.onnx", "-m", "wsnets:build", cwd=cwd), 2,
                        "ONNX model")
-    cli.one_line_error(cli.run("fold", ws_ckpt, "--onnx", "x.onnx", "--input-shape", "1,3,a",
-                               cwd=cwd), 2,
-                       "--input-shape")
-    cli.one_line_error(cli.run("fold", ws_ckpt, "--onnx", "x.onnx", "--input-shape", "1,5,8,8",
-                               "--force", cwd=cwd), 2, "does not fit")
+    cli.one_line_error(cli.run("fold", ws_ckpt, "-m", "wsnets:build", "--onnx", "x.onnx",
+                               "--input-shape", "1,3,a", cwd=cwd), 2, "--input-shape")
+    cli.one_line_error(cli.run("fold", ws_ckpt, "-m", "wsnets:build", "--onnx", "x.onnx",
+                               "--input-shape", "1,5,8,8", "--force", cwd=cwd), 2, "does not fit")
     assert not (cwd / "x.onnx").exists()
     assert not [p for p in cwd.iterdir() if p.name.startswith(".")]

@@ -120,12 +120,13 @@ def test_state_dict_and_model_problems(cli: Cli, net_state: Path) -> None:
     cli.assert_bad(["apply", "nan.pt", "-m", "wsnets:build"], "nan.pt", "NaN", cwd=d)
     assert cli.invoke("apply", net_state, "-m", "wsnets:build")[0] == 0
     ws = d / "net.ws.pt"
-    cli.assert_bad(["apply", ws, "-o", "again.pt"], "net.ws.pt", "already has Weight", cwd=d)
-    cli.assert_bad(["fold", ws, "--onnx", "o.onnx", "--input-shape", "1,3,x"], "--input-shape",
-                   cwd=d)
-    cli.assert_bad(["fold", ws, "--onnx", "o.onnx", "--input-shape", "1,7,8,8"], "does not fit",
-                   cwd=d)
-    cli.assert_bad(["check", _good_onnx(d), "--against", ws, "--input-shape", "1,7,8,8"],
+    m = ["-m", "wsnets:build"]  # consent to run the factory net.ws.pt records
+    cli.assert_bad(["apply", ws, *m, "-o", "again.pt"], "net.ws.pt", "already has Weight", cwd=d)
+    cli.assert_bad(["fold", ws, *m, "--onnx", "o.onnx", "--input-shape", "1,3,x"],
+                   "--input-shape", cwd=d)
+    cli.assert_bad(["fold", ws, *m, "--onnx", "o.onnx", "--input-shape", "1,7,8,8"],
+                   "does not fit", cwd=d)
+    cli.assert_bad(["check", _good_onnx(d), "--against", ws, *m, "--input-shape", "1,7,8,8"],
                    "does not fit", cwd=d)
     target = "/proc/wsconvert-out.pt" if os.geteuid() == 0 else str(d / "ro" / "x.pt")
     if os.geteuid() != 0:
@@ -249,13 +250,17 @@ def test_fold_gate_options_checked_before_writing(cli: Cli, net_state: Path) -> 
     d = net_state.parent
     assert cli.invoke("apply", net_state, "-m", "wsnets:build", "--no-drift")[0] == 0
     ws = d / "net.ws.pt"
-    base = ["fold", ws, "-o", "f.pt", "--onnx", "f.onnx", "--input-shape", "1,3,8,8"]
+    base = ["fold", ws, "-m", "wsnets:build", "-o", "f.pt", "--onnx", "f.onnx", "--input-shape",
+            "1,3,8,8"]
     cli.assert_bad([*base, "--batch-sizes", "1,4"], "--dynamic-batch", cwd=d)
     cli.assert_bad([*base, "--seeds", "0"], "--seeds", cwd=d)
     cli.assert_bad([*base, "--report", "nodir/r.json"], "nodir", cwd=d)
     cli.assert_bad([*base, "--inputs", "missing.npz"], "missing.npz", cwd=d)
     cli.assert_bad([*base, "--no-check", "--junit", "j.xml"], "--junit", cwd=d)
-    cli.assert_bad(["fold", net_state, "--from", ws, "-m", "wsnets:build"], "--from", cwd=d)
+    # With --from, --model is the consent to run the factory the WS checkpoint records: it must
+    # be that factory.
+    cli.assert_bad(["fold", net_state, "--from", ws, "-m", "wsnets:mixed"], "wsnets:build",
+                   "wsnets:mixed", cwd=d)
 
 
 def test_error_names_the_file_it_is_about(cli: Cli, net_state: Path) -> None:

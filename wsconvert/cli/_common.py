@@ -6,8 +6,13 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
+import signal
 import sys
-from collections.abc import Callable
+import threading
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -37,7 +42,14 @@ AllowClassOpt = Annotated[list[str] | None, typer.Option(
     "--allow-class", metavar="MODULE.CLASS",
     help="Allow just this class when unpickling (repeatable); everything else stays refused.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")]
+ForceOpt = Annotated[bool, typer.Option(
+    "--force", help="Overwrite existing output files (never an input); write through a symlink "
+                    "at an output path to the file it points to.")]
+AllowNonfiniteOpt = Annotated[bool, typer.Option(
+    "--allow-nonfinite", help="Accept NaN / inf weights and statistics in the checkpoint.")]
+AllowLargeOpt = Annotated[bool, typer.Option(
+    "--allow-large-inputs", help="Accept probe / check inputs above the size limit "
+                                 "(2**27 elements in all).")]
 
 # The parity gate's options (``fold --onnx`` and ``check``); defaults from wsconvert.defaults.
 InputShapeOpt = Annotated[list[str] | None, typer.Option(
@@ -98,26 +110,76 @@ class Output:
         return self.err.status(message)
 
 
+def quiet_onnxruntime() -> None:
+    """onnxruntime logs its own errors to stderr (several lines, colour codes) before raising
+    them; the command reports each as its one-line error instead."""
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(4)
+
+
+def debug_enabled() -> bool:
+    """``WSCONVERT_DEBUG`` set to anything but empty, ``0``, ``false``, ``no`` or ``off``."""
+    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+class _Signals:
+    """The catchable termination signals, turned into an exception so that every ``finally``
+    (staged outputs, temporary files) runs; remembers which one arrived."""
+
+    NAMES = ("SIGINT", "SIGTERM", "SIGHUP")
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+
+    def _handler(self, signum: int, frame: object) -> None:
+        self.received = signum
+        raise KeyboardInterrupt
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {}
+        for name in self.NAMES:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                previous[sig] = signal.signal(sig, self._handler)
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
 def guarded(func: F) -> F:
-    """Turn library errors into one line on stderr and an exit code (traceback only in debug)."""
+    """Turn library errors into one line on stderr and an exit code (traceback only in debug).
+
+    Exit codes: the error's own (2 bad input, 1 a failed check), 128 + N for signal N (130 for
+    Ctrl-C), 2 for anything unexpected. Debug mode adds the traceback and keeps the code.
+    """
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        signals = _Signals()
         try:
-            return func(*args, **kwargs)
+            with signals.installed():
+                return func(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
-        except WsconvertError as exc:
-            if os.environ.get(DEBUG_ENV):
+        except BaseException as exc:
+            if signals.received is not None or isinstance(exc, KeyboardInterrupt):
+                signum = signals.received or signal.SIGINT
+                _error_line(f"interrupted ({signal.Signals(signum).name}); no output was written")
+                raise typer.Exit(128 + signum) from None
+            if not isinstance(exc, Exception):
                 raise
-            _error_line(cli_text(_naming_input(exc, kwargs)))
-            raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            _error_line("interrupted; no output was written")
-            raise typer.Exit(130) from None
-        except Exception as exc:
-            if os.environ.get(DEBUG_ENV):
-                raise
+            if debug_enabled():
+                traceback.print_exc()
+            if isinstance(exc, WsconvertError):
+                _error_line(cli_text(_naming_input(exc, kwargs)))
+                raise typer.Exit(exc.exit_code) from None
             _error_line(f"unexpected {type(exc).__name__}: {exc} (set {DEBUG_ENV}=1 for the "
                         "traceback)")
             raise typer.Exit(2) from None
@@ -136,10 +198,18 @@ def _naming_input(exc: Exception, kwargs: dict[str, Any]) -> str:
     return f"{path}: {message}"
 
 
+_ANSI = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)|[@-Z\\-_])")
+
+
+def one_line(message: str) -> str:
+    """A message as one plain line: colour and other terminal escapes removed, every run of
+    whitespace (newlines of multi-line tool output included) one space."""
+    return " ".join(_ANSI.sub("", message).split())
+
+
 def _error_line(message: str) -> None:
-    line = " ".join(message.split())
     Console(stderr=True, highlight=False, soft_wrap=True).print(
-        f"[bold red]error:[/] {line}", markup=True, emoji=False)
+        f"[bold red]error:[/] {escape(one_line(message))}", markup=True, emoji=False)
 
 
 def escape(text: object) -> str:

@@ -13,6 +13,12 @@ __all__ = ["FLAGS", "cli_text"]
 FLAGS = {
     "allow_classes": "--allow-class",
     "allow_classes=[MODULE.CLASS]": "--allow-class MODULE.CLASS",
+    "allow_large_inputs=True": "--allow-large-inputs",
+    "allow_nonfinite=True": "--allow-nonfinite",
+    "against": "--against",
+    "eps": "--eps",
+    "output": "--output",
+    "out_dir": "--out-dir",
     "atol": "--atol",
     "bake_unknown": "--bake-unknown",
     "bake_unknown=True": "--bake-unknown",
@@ -46,6 +52,17 @@ FLAGS = {
 _TOKEN = re.compile(r"`([^`\s]+)`")
 
 
+def _flag(token: str) -> str | None:
+    """A table entry, or ``name='value'`` for a flag taking a value (``--model value``)."""
+    if token in FLAGS:
+        return FLAGS[token]
+    name, eq, value = token.partition("=")
+    flag = FLAGS.get(name)
+    if eq and flag is not None and flag.startswith("--") and value:
+        return f"{flag} {value.strip(chr(39) + chr(34))}"
+    return None
+
+
 def cli_text(message: str) -> str:
     """``message`` with every known parameter token replaced by its flag."""
-    return _TOKEN.sub(lambda m: FLAGS.get(m.group(1), m.group(0)), message)
+    return _TOKEN.sub(lambda m: _flag(m.group(1)) or m.group(0), message)

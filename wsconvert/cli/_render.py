@@ -156,7 +156,11 @@ def verdict(out: Output, report: ParityReport) -> None:
                for loc in report.localizations if loc.divergence is not None]
     if located:
         where = "; " + "; ".join(located) + where
-    raise ParityFailure(f"parity fails: {n} output(s) out of tolerance ({stages} stage){where}")
+    nonfinite = sum("non-finite" in c.reason for c in report.failures)
+    why = (f"{nonfinite} with non-finite values (NaN or inf)" if nonfinite == n else
+           f"out of tolerance, {nonfinite} of them non-finite" if nonfinite else
+           "out of tolerance")
+    raise ParityFailure(f"parity fails: {n} output(s) {why} ({stages} stage){where}")
 
 
 def translated(payload: dict[str, Any]) -> dict[str, Any]:

@@ -15,10 +15,10 @@ HELP = """Weight Standardization for models you already have (arXiv:1903.10520).
 Examples:
   wsconvert demo                                     # whole pipeline on the bundled example
   wsconvert apply model.pt --model pkg.nets:build    # WS on a state dict's convs
-  wsconvert inspect model.ws.pt --json               # per-layer WS status and filter stats
+  wsconvert inspect model.ws.pt -m pkg.nets:build    # per-layer WS status and filter stats
   wsconvert bench --batch-sizes 1,8                  # WS training-step overhead vs plain
-  wsconvert fold model.ws.pt --onnx model.onnx       # static weights, ONNX, parity check
-  wsconvert check model.onnx --against model.ws.pt   # the CI gate: exit 0 / 1 / 2
+  wsconvert fold model.ws.pt -m pkg.nets:build --onnx model.onnx   # static weights, ONNX, parity
+  wsconvert check model.onnx --against model.ws.pt -m pkg.nets:build   # CI gate: exit 0 / 1 / 2
 """
 
 app = typer.Typer(name="wsconvert", help=HELP, no_args_is_help=True, add_completion=False,

@@ -10,6 +10,8 @@ import typer
 from wsconvert import defaults
 from wsconvert.cli._common import (
     AllowClassOpt,
+    AllowLargeOpt,
+    AllowNonfiniteOpt,
     CheckpointArg,
     ForceOpt,
     JsonOpt,
@@ -75,6 +77,8 @@ def apply_cmd(
     trust: TrustOpt = False,
     allow_class: AllowClassOpt = None,
     force: ForceOpt = False,
+    allow_nonfinite: AllowNonfiniteOpt = False,
+    allow_large_inputs: AllowLargeOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Rewrite a checkpoint's convolutions into Weight Standardization form.
@@ -91,8 +95,8 @@ def apply_cmd(
         eps=eps, init=init, include=include or (), exclude=exclude or (), transposed=transposed,
         linear=linear, norm=norm, groups=groups, convert_frozen=convert_frozen,
         input_shape=input_shape, inputs=inputs, calibrate=calibrate, drift=drift, trust=trust,
-        allow_classes=allow_class or (), force=force,
-        progress=lambda stage: out.status(_STAGES[stage]))
+        allow_classes=allow_class or (), force=force, allow_nonfinite=allow_nonfinite,
+        allow_large_inputs=allow_large_inputs, progress=lambda stage: out.status(_STAGES[stage]))
     for note in result.loaded.notes:
         out.warn(note)
     if result.drift_skipped and drift:

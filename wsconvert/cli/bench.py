@@ -37,18 +37,26 @@ def _table(report: dict[str, Any]) -> Any:
 
     shape = "x".join(str(s) for s in report["input_shape"])
     acc = f", {report['accumulate']} micro-batches/step" if report["accumulate"] > 1 else ""
-    table = Table(title=f"SGD step of {escape(report['model'])}, input {shape}{acc}, "
-                        f"{report['threads']} thread(s), median of {report['rounds']} rounds "
-                        f"({report['clock']} clock)", title_justify="left")
-    for col in ("batch", "form", "median ms", "min ms", "x plain", "x plain (paired)"):
-        table.add_column(col, justify="left" if col == "form" else "right")
+    table = Table(title=f"{escape(report['optimizer'])} step of {escape(report['model'])}, "
+                        f"input {shape}{acc}, {report['threads']} thread(s), "
+                        f"{report['rounds']} rounds ({report['clock']} clock); eval rows: "
+                        "forward only, eval mode, no_grad", title_justify="left")
+    refs = sorted({k for s in report["settings"] for r in s["rows"] for k in r["vs_references"]})
+    for col in ("batch", "mode", "form", "median ms", "min ms", "x plain", "x plain (min)",
+                "x plain (paired)", *(f"x {ref}" for ref in refs), "passes (est.)"):
+        table.add_column(escape(col), justify="left" if col in ("form", "mode") else "right")
     for setting in report["settings"]:
         for i, r in enumerate(setting["rows"]):
             style = "green" if r["form"].startswith("wsconvert") else ""
             form = f"[{style}]{escape(r['form'])}[/]" if style else escape(r["form"])
-            table.add_row(str(setting["batch_size"]) if i == 0 else "", form,
+            vs = [f"{r['vs_references'][ref]:.3f}" if ref in r["vs_references"] else ""
+                  for ref in refs]
+            passes = "" if r["passes"] is None else str(r["passes"])
+            table.add_row(str(setting["batch_size"]) if i == 0 else "",
+                          setting["mode"] if i == 0 else "", form,
                           f"{r['median_ms']:.2f}", f"{r['min_ms']:.2f}", f"{r['ratio']:.3f}",
-                          f"{r['paired_ratio']:.3f}", end_section=i == len(setting["rows"]) - 1)
+                          f"{r['min_ratio']:.3f}", f"{r['paired_ratio']:.3f}", *vs, passes,
+                          end_section=i == len(setting["rows"]) - 1)
     return table
 
 
@@ -83,17 +91,24 @@ def bench_cmd(
         help="torch threads for the run [default: torch's].", show_default=False)] = None,
     clock: Annotated[str, typer.Option(
         help="wall, or cpu (process CPU time: steadier on a shared machine).")] = "wall",
+    optimizer: Annotated[str, typer.Option(
+        "--optimizer", metavar="sgd|sgd-momentum|adamw", help="Optimizer of the timed step "
+        "(plain SGD is the leanest step, so it shows the most of the WS cost).")] = "sgd",
+    evaluate: Annotated[bool, typer.Option(
+        "--eval", help="Also time a forward pass in eval mode under no_grad per batch size.")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Measure what WS costs per training step: plain vs WS, with reference formulations.
 
     Every form (plain convs, each WS convention, the paper's seed formula, timm's batch_norm
-    trick) runs one SGD step per round, in rotating order; the table gives medians and the
-    ratio to plain.
+    trick) runs one optimizer step per round, in rotating order; the table gives median and
+    fastest steps, ratios to plain and to the reference formulations, and the estimated
+    weight-size memory passes per conv layer per step.
 
     \b
     Example:
-      wsconvert bench --batch-sizes 1,8 --threads 2
+      wsconvert bench --batch-sizes 1,8 --threads 2 --eval
       wsconvert bench model.ws.pt --input-shape 3,224,224 --batch-sizes 2 --accumulate 4
     """
     from wsconvert.bench import REFERENCE_FORMS, BenchConfig, run_bench
@@ -121,7 +136,8 @@ def bench_cmd(
                          input_shape=_ints(input_shape, "--input-shape"), accumulate=accumulate,
                          conventions=conventions,
                          references=() if no_references else REFERENCE_FORMS, rounds=rounds,
-                         warmup=warmup, threads=threads, clock=clock)
+                         warmup=warmup, threads=threads, clock=clock, optimizer=optimizer,
+                         evaluate=evaluate)
     with out.status("measuring..."):
         report = run_bench(net, config, model_name=name)
     payload = report.to_dict()

@@ -10,8 +10,11 @@ import typer
 from wsconvert import defaults
 from wsconvert.cli._common import (
     AllowClassOpt,
+    AllowLargeOpt,
+    AllowNonfiniteOpt,
     AtolOpt,
     BatchSizesOpt,
+    ForceOpt,
     InputShapeOpt,
     InputsOpt,
     JsonOpt,
@@ -27,6 +30,7 @@ from wsconvert.cli._common import (
     SeedsOpt,
     TrustOpt,
     guarded,
+    quiet_onnxruntime,
 )
 from wsconvert.cli._render import parity_lines, verdict
 
@@ -55,23 +59,28 @@ def check_cmd(
     locate: LocateOpt = False,
     trust: TrustOpt = False,
     allow_class: AllowClassOpt = None,
+    force: ForceOpt = False,
+    allow_nonfinite: AllowNonfiniteOpt = False,
+    allow_large_inputs: AllowLargeOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Gate an ONNX file on parity with its checkpoint: exit 0 holds, 1 fails, 2 bad input.
 
     \b
     Example:
-      wsconvert check model.onnx --against model.ws.pt --junit parity.xml --json
+      wsconvert check model.onnx --against model.ws.pt -m pkg.nets:build --junit parity.xml
     """
     from wsconvert.pipeline import gate  # imports torch: not on the --help path
 
     out = Output(as_json)
+    quiet_onnxruntime()
     result = gate(onnx_file, against, model=model, model_kwargs=model_kwargs,
                   input_shape=input_shape, seeds=seeds, batch_sizes=batch_sizes, inputs=inputs,
                   atol=atol, rtol=rtol, report=report, junit=junit, save_failing=save_failing,
                   min_top1_agreement=min_top1_agreement,
                   locate="always" if locate else "on_failure", trust=trust,
-                  allow_classes=allow_class or (),
+                  allow_classes=allow_class or (), force=force,
+                  allow_nonfinite=allow_nonfinite, allow_large_inputs=allow_large_inputs,
                   progress=lambda stage: out.status(_STAGES[stage]))
     parity_lines(out, result.parity)
     out.data(result.to_dict())

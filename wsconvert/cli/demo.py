@@ -10,7 +10,7 @@ import typer
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from wsconvert.cli._common import JsonOpt, Output, escape, guarded
+from wsconvert.cli._common import ForceOpt, JsonOpt, Output, escape, guarded
 from wsconvert.cli._render import stage_lines
 from wsconvert.errors import ParityFailure
 
@@ -31,6 +31,7 @@ def demo_cmd(
         show_default=False)] = None,
     quick: Annotated[bool, typer.Option(
         "--quick", help="Smaller data and fewer epochs (a few seconds).")] = False,
+    force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Run the whole pipeline on the bundled example: baseline, apply, fine-tune, fold, ONNX,
@@ -40,11 +41,17 @@ def demo_cmd(
     Example:
       wsconvert demo --out-dir /tmp/wsdemo
     """
-    from wsconvert.demo import STAGES, DemoConfig, run_demo  # imports torch: not on --help
+    from wsconvert.demo import (  # imports torch: not on --help
+        STAGES,
+        DemoConfig,
+        check_outputs,
+        run_demo,
+    )
 
     out = Output(as_json)
     work = out_dir or Path(tempfile.mkdtemp(prefix="wsconvert-demo-"))
-    config = DemoConfig.quick(work) if quick else DemoConfig(work)
+    config = DemoConfig.quick(work, force) if quick else DemoConfig(work, force=force)
+    check_outputs(config)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=out.err, disable=as_json) as progress:
         tasks = {s: progress.add_task(f"[dim]{_LABELS[s]}", total=1, start=False)

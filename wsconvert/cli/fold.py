@@ -10,6 +10,8 @@ import typer
 from wsconvert import defaults
 from wsconvert.cli._common import (
     AllowClassOpt,
+    AllowLargeOpt,
+    AllowNonfiniteOpt,
     AtolOpt,
     BatchSizesOpt,
     CheckpointArg,
@@ -30,6 +32,7 @@ from wsconvert.cli._common import (
     TrustOpt,
     escape,
     guarded,
+    quiet_onnxruntime,
 )
 from wsconvert.cli._render import op_line, parity_lines, verdict
 
@@ -73,20 +76,25 @@ def fold_cmd(
     trust: TrustOpt = False,
     allow_class: AllowClassOpt = None,
     force: ForceOpt = False,
+    allow_nonfinite: AllowNonfiniteOpt = False,
+    allow_large_inputs: AllowLargeOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Fold WS into plain static weights; with --onnx, export and check parity.
 
     \b
     Example:
-      wsconvert fold model.ws.pt --onnx model.onnx --dynamic-batch --junit parity.xml
-      wsconvert fold finetuned_state.pt --from model.ws.pt -o final.pt
+      wsconvert fold model.ws.pt -m pkg.nets:build --onnx model.onnx --dynamic-batch
+      wsconvert fold finetuned_state.pt --from model.ws.pt -m pkg.nets:build -o final.pt
     """
     from wsconvert.pipeline import fold_and_export  # imports torch: not on the --help path
 
     out = Output(as_json)
+    if onnx is not None:
+        quiet_onnxruntime()
     stages = {"load": "loading the checkpoint...", "fold": "folding WS...",
-              "export": f"exporting {onnx.name if onnx else ''} (torch.onnx, opset {opset})...",
+              "export": f"exporting {escape(onnx.name) if onnx else ''} (torch.onnx, opset "
+                        f"{opset})...",
               "gate": "checking parity with onnxruntime...", "save": "writing outputs..."}
     result = fold_and_export(
         checkpoint, output, from_ws=from_ws, model=model, model_kwargs=model_kwargs,
@@ -95,9 +103,11 @@ def fold_cmd(
         seeds=seeds, batch_sizes=batch_sizes, inputs=inputs, atol=atol, rtol=rtol, report=report,
         junit=junit, save_failing=save_failing, min_top1_agreement=min_top1_agreement,
         locate="always" if locate else "on_failure", trust=trust,
-        allow_classes=allow_class or (), force=force,
+        allow_classes=allow_class or (), force=force, allow_nonfinite=allow_nonfinite,
+        allow_large_inputs=allow_large_inputs,
         progress=lambda stage: out.status(stages[stage]))
     out.result(f"[green]✓[/] {escape(result.fold.summary())}; wrote {escape(result.output)}")
+    out.result(f"  {escape(result.output)} is {escape(result.architecture['summary'])}")
     if result.onnx is not None:
         out.result(f"[green]✓[/] exported {escape(onnx)} (opset {opset}, checker passed, no WS "
                    f"residue): {escape(op_line(result.onnx.op_histogram))}")

@@ -8,6 +8,7 @@ from rich.table import Table
 
 from wsconvert.cli._common import (
     AllowClassOpt,
+    AllowNonfiniteOpt,
     CheckpointArg,
     JsonOpt,
     ModelKwargsOpt,
@@ -46,19 +47,20 @@ def inspect_cmd(
     model_kwargs: ModelKwargsOpt = None,
     trust: TrustOpt = False,
     allow_class: AllowClassOpt = None,
+    allow_nonfinite: AllowNonfiniteOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Show each conv / linear layer: kind, shape, fan-in, WS status, filter mean and std.
 
     \b
     Example:
-      wsconvert inspect model.ws.pt
+      wsconvert inspect model.ws.pt --model pkg.nets:build
     """
     from wsconvert.pipeline import inspect_checkpoint  # imports torch: not on the --help path
 
     out = Output(as_json)
     result = inspect_checkpoint(checkpoint, model=model, model_kwargs=model_kwargs, trust=trust,
-                                allow_classes=allow_class or ())
+                                allow_classes=allow_class or (), allow_nonfinite=allow_nonfinite)
     payload = result.to_dict()
     out.data(payload)
     out.result(_table(payload["layers"],

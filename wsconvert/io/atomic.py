@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -17,44 +18,114 @@ from torch import nn
 
 from wsconvert.errors import OutputExistsError, UsageError
 
-__all__ = ["OutputSet", "atomic_output", "save_bytes", "save_state_dict", "write_text"]
+__all__ = ["OutputSet", "Protected", "atomic_output", "check_output", "identity", "save_bytes",
+           "save_state_dict", "write_text"]
 
 PathLike = str | os.PathLike[str]
+Protected = PathLike | tuple[str, PathLike]
+"""An input that no output may replace: a path, or ``(parameter, path)`` to name it in errors."""
 
 
-def check_output(path: PathLike, *, force: bool = False, protect: Sequence[PathLike] = ()) -> Path:
-    """Refuse an output that cannot or may not be written, before any work is done.
+def identity(path: PathLike) -> tuple[Any, ...]:
+    """Which file ``path`` names: its device and inode when it exists (symlinks followed, so
+    links and hard links to one file are the same), else its resolved path."""
+    real = os.path.realpath(path)
+    try:
+        st = os.stat(real)
+    except OSError:
+        return ("path", real)
+    return ("inode", st.st_dev, st.st_ino)
+
+
+def _label(name: str | None, path: PathLike) -> str:
+    return f"`{name}` {path}" if name else str(path)
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
+def check_output(path: PathLike, *, force: bool = False, protect: Sequence[Protected] = (),
+                 name: str | None = None, replace: bool = False,
+                 parent_may_be_missing: bool = False) -> Path:
+    """Refuse an output that cannot or may not be written, before any work is done; return the
+    path to write.
+
+    Rules: an output is never an input (the same file, through symlinks and hard links too); it
+    is a regular file or does not exist yet (directories, FIFOs, devices and sockets are refused,
+    even with ``force``); an existing file is replaced only with ``force`` (or ``replace``, for
+    reports); a symlink at the output path is refused without ``force``, and with ``force`` the
+    file it points to is written (a dangling link's target is created), the link kept.
+
+    Args:
+        path: the output as given.
+        force: allow replacing an existing file and writing through a symlink.
+        protect: the run's inputs.
+        name: the parameter the path was given as, for error messages.
+        replace: allow replacing an existing regular file without ``force``.
+        parent_may_be_missing: the directory is created later (``save_failing``).
 
     Raises:
-        OutputExistsError: ``path`` exists and not ``force``.
-        UsageError: ``path`` is one of ``protect``, a directory, or its directory is missing.
+        OutputExistsError: exists (or is a symlink) and not ``force``.
+        UsageError: an input, not a regular file, or its directory is missing.
     """
     target = Path(path)
+    label = _label(name, target)
+    ident = identity(target)
     for q in protect:
-        if Path(q).exists() and target.exists() and target.resolve() == Path(q).resolve():
-            raise UsageError(f"{target}: output would overwrite the input")
-    if target.is_dir():
-        raise UsageError(f"{target}: output path is a directory")
-    if target.exists() and not force:
-        raise OutputExistsError(f"{target}: already exists (pass `force=True` to overwrite)")
-    if not target.parent.is_dir():
-        raise UsageError(f"{target}: output directory {target.parent} does not exist")
-    return target
+        q_name, q_path = q if isinstance(q, tuple) else (None, q)
+        if os.path.exists(q_path) and identity(q_path) == ident:
+            raise UsageError(f"{label}: would overwrite the input {_label(q_name, q_path)}; "
+                             "an output never replaces an input")
+    write = target
+    if target.is_symlink():
+        if not force:
+            raise OutputExistsError(f"{label}: is a symbolic link (to {os.readlink(target)}); "
+                                    "pass `force=True` to write the file it points to")
+        write = Path(os.path.realpath(target))
+    try:
+        mode: int | None = os.stat(write).st_mode
+    except OSError:
+        mode = None
+    if mode is not None:
+        if stat.S_ISDIR(mode):
+            raise UsageError(f"{label}: output path is a directory")
+        if not stat.S_ISREG(mode):
+            raise UsageError(f"{label}: is {_kind(mode)}, not a regular file; outputs are only "
+                             "written to regular files")
+        if not (force or replace):
+            raise OutputExistsError(f"{label}: already exists (pass `force=True` to overwrite)")
+    if not parent_may_be_missing and not write.parent.is_dir():
+        raise UsageError(f"{label}: output directory {write.parent} does not exist")
+    return write
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
 def atomic_output(path: PathLike, *, force: bool = False,
-                  protect: Sequence[PathLike] = ()) -> Iterator[Path]:
+                  protect: Sequence[Protected] = ()) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it into place only if the block succeeds.
+    The file gets the permissions ``open()`` would give it (``0o666`` less the umask).
 
     Args:
         path: the final output.
-        force: allow replacing an existing file.
+        force: allow replacing an existing file (see :func:`check_output` for every rule).
         protect: inputs that must never be the output.
 
     Raises:
         OutputExistsError: ``path`` exists and not ``force``.
-        UsageError: ``path`` is one of ``protect``, a directory, or its directory is not writable.
+        UsageError: see :func:`check_output`, or the directory is not writable.
     """
     target = check_output(path, force=force, protect=protect)
     parent = target.parent
@@ -62,7 +133,10 @@ def atomic_output(path: PathLike, *, force: bool = False,
         fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent)
     except OSError as exc:
         raise UsageError(f"{target}: cannot write to {parent} ({exc.strerror or exc})") from None
-    os.close(fd)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+    finally:
+        os.close(fd)
     tmp = Path(tmp_name)
     try:
         yield tmp
@@ -100,11 +174,14 @@ def save_state_dict(state: Mapping[str, torch.Tensor] | nn.Module | tuple[torch.
 class OutputSet:
     """The outputs of one operation: checked up front, staged, committed together.
 
-    ``add`` checks a target at once (before any work). ``stage(path)`` gives the path to write it
-    at: a file of the same name in a hidden staging directory beside the target, so writers that
-    put companion files beside their output (ONNX external data) stage those too. ``commit``
-    moves everything staged into place; leaving the ``with`` block without committing (an error
-    in any stage) deletes everything staged and leaves the targets as they were.
+    ``add`` checks a target at once (before any work), against the inputs (``protect``) and every
+    output claimed before (the same file under two names, links included, is refused).
+    ``stage(path)`` gives the path to write it at: a file of the same name in a hidden staging
+    directory beside the file to be written, so writers that put companion files beside their
+    output (ONNX external data) stage those too. ``commit`` moves everything staged into place;
+    leaving the ``with`` block without committing (an error in any stage, an interrupt) deletes
+    everything staged and leaves the targets as they were. Staged files get the permissions
+    ``open()`` gives (the umask is honoured).
 
     Example:
         >>> with OutputSet(force=False, protect=[src]) as outputs:    # doctest: +SKIP
@@ -113,35 +190,56 @@ class OutputSet:
         ...     outputs.commit()
     """
 
-    def __init__(self, *, force: bool = False, protect: Sequence[PathLike] = ()) -> None:
+    def __init__(self, *, force: bool = False, protect: Sequence[Protected] = ()) -> None:
         self.force = force
         self.protect = list(protect)
         self.targets: list[Path] = []
+        self._write: dict[Path, Path] = {}
+        self._claimed: dict[tuple[Any, ...], str] = {}
         self._staging: dict[Path, Path] = {}
 
-    def add(self, path: PathLike, *, replace: bool = False) -> Path:
-        """Check ``path`` may be written and claim it (duplicates are refused); ``replace``
-        allows replacing an existing file without ``force`` (reports)."""
-        target = check_output(path, force=self.force or replace, protect=self.protect)
-        if any(target.resolve() == t.resolve() for t in self.targets):
-            raise UsageError(f"{target}: named as two different outputs")
+    def _claim(self, path: PathLike, write: Path, name: str | None) -> None:
+        label = _label(name, path)
+        ident = identity(write)
+        if ident in self._claimed:
+            raise UsageError(f"{label}: also named as {self._claimed[ident]}; each output "
+                             "needs a file of its own")
+        self._claimed[ident] = label
+
+    def add(self, path: PathLike, *, replace: bool = False, name: str | None = None) -> Path:
+        """Check ``path`` may be written and claim it; ``replace`` allows replacing an existing
+        regular file without ``force`` (reports); ``name`` is the parameter it came from."""
+        target = Path(path)
+        write = check_output(target, force=self.force, protect=self.protect, name=name,
+                             replace=replace)
+        self._claim(target, write, name)
         self.targets.append(target)
+        self._write[target] = write
         return target
+
+    def reserve(self, path: PathLike, *, name: str | None = None) -> Path:
+        """Check and claim a file written later outside the set (its directory may not exist
+        yet); returns the path to write."""
+        write = check_output(path, force=self.force, protect=self.protect, name=name,
+                             parent_may_be_missing=True)
+        self._claim(path, write, name)
+        return write
 
     def stage(self, path: PathLike) -> Path:
         """Where to write ``path`` (added before) until :meth:`commit`."""
         target = Path(path)
-        if target not in self.targets:
+        if target not in self._write:
             raise ValueError(f"{target} was not added to the output set")
-        directory = self._staging.get(target.parent)
+        write = self._write[target]
+        directory = self._staging.get(write.parent)
         if directory is None:
             try:
-                directory = Path(tempfile.mkdtemp(prefix=".wsconvert-", dir=target.parent))
+                directory = Path(tempfile.mkdtemp(prefix=".wsconvert-", dir=write.parent))
             except OSError as exc:
-                raise UsageError(f"{target}: cannot write to {target.parent} "
+                raise UsageError(f"{target}: cannot write to {write.parent} "
                                  f"({exc.strerror or exc})") from None
-            self._staging[target.parent] = directory
-        return directory / target.name
+            self._staging[write.parent] = directory
+        return directory / write.name
 
     def final(self, staged: PathLike) -> Path:
         """The path a staged file will have after :meth:`commit`."""
@@ -154,10 +252,11 @@ class OutputSet:
     def commit(self) -> list[Path]:
         """Move every staged file into place; returns the final paths."""
         moved = []
+        written = set(self._write.values())
         for parent, directory in self._staging.items():
             for f in sorted(directory.iterdir()):
                 final = parent / f.name
-                if final not in self.targets:
+                if final not in written:
                     check_output(final, force=self.force, protect=self.protect)
                 moved.append((f, final))
         for f, final in moved:

@@ -14,6 +14,7 @@ Every problem with a sample file is an :class:`~wsconvert.errors.InputsError` na
 
 from __future__ import annotations
 
+import math
 import os
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -30,7 +31,9 @@ from wsconvert.errors import CheckpointError, InputsError, UsageError
 from wsconvert.io.safe import check_file, read_checkpoint
 
 __all__ = [
+    "MAX_INPUT_ELEMENTS",
     "InputSet",
+    "check_input_size",
     "infer_input_shape",
     "load_inputs",
     "parse_shape",
@@ -39,6 +42,34 @@ __all__ = [
 ]
 
 _KEYS = ("inputs", "input", "x", "images", "data")
+
+MAX_INPUT_ELEMENTS = 2**27
+"""The most elements the random inputs of one operation may hold in all (512 MiB as float32):
+a larger shape is almost always a typo (``1,3,20000,20000``), and the model's activations
+would need many times more. ``allow_large_inputs=True`` lifts it."""
+
+
+def check_input_size(shapes: Sequence[Sequence[int]], *, copies: int = 1,
+                     allow_large: bool = False, what: str = "`input_shape`") -> None:
+    """Refuse random inputs above :data:`MAX_INPUT_ELEMENTS` elements before allocating them.
+
+    Args:
+        shapes: the shapes of one input set (or of every set), batch dimension included.
+        copies: how many such sets are made (seeds x batch sizes).
+        allow_large: skip the check.
+        what: the parameters the size came from, for the message.
+
+    Raises:
+        UsageError: above the limit.
+    """
+    if allow_large:
+        return
+    total = copies * sum(math.prod(int(d) for d in shape) for shape in shapes)
+    if total > MAX_INPUT_ELEMENTS:
+        raise UsageError(
+            f"{what}: the inputs would hold {total:,} elements ({total * 4 / 2**30:,.1f} GiB as "
+            f"float32, before any activation), above the limit of {MAX_INPUT_ELEMENTS:,} "
+            "elements; check the shape, or pass `allow_large_inputs=True`")
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import io
 import os
 import pickle
+import pickletools
+import stat
 import sys
 import warnings
 import zipfile
@@ -18,11 +21,33 @@ import torch
 
 from wsconvert.errors import CheckpointError, UntrustedCheckpointError, UsageError
 
-__all__ = ["check_file", "cwd_importable", "read_checkpoint", "unsafe_globals"]
+__all__ = ["check_file", "cwd_importable", "is_dangerous", "read_checkpoint", "unsafe_globals"]
+
+# Globals whose only use in a pickle is running commands or code, reading or writing files, or
+# reaching other globals: never suggested for (nor accepted by) ``allow_classes``.
+_DANGEROUS_MODULES = ("os", "posix", "nt", "subprocess", "sys", "shutil", "socket", "importlib",
+                      "runpy", "pty", "code", "codeop", "pickle", "_pickle", "marshal", "ctypes",
+                      "webbrowser", "multiprocessing", "tempfile",
+                      "asyncio", "signal", "builtins.__import__")
+_DANGEROUS_NAMES = {"builtins.eval", "builtins.exec", "builtins.compile", "builtins.open",
+                    "builtins.getattr", "builtins.setattr", "builtins.delattr",
+                    "builtins.globals", "builtins.locals", "builtins.vars", "builtins.input",
+                    "builtins.breakpoint", "builtins.__import__", "builtins.memoryview",
+                    "operator.attrgetter", "operator.methodcaller", "operator.getitem",
+                    "functools.partial", "torch.load", "torch.save", "torch.hub.load",
+                    "torch.jit.load", "numpy.load", "numpy.save"}
+
+
+def is_dangerous(qualname: str) -> bool:
+    """A ``MODULE.NAME`` global that runs code or touches files when called from a pickle."""
+    if qualname in _DANGEROUS_NAMES:
+        return True
+    return any(qualname == m or qualname.startswith(m + ".") for m in _DANGEROUS_MODULES)
 
 
 def check_file(path: Path) -> None:
-    """Refuse a missing, directory, unreadable or empty file with a one-line reason.
+    """Refuse a missing, directory, non-regular (FIFO, device), unreadable or empty file with a
+    one-line reason, without opening anything that could block.
 
     Raises:
         CheckpointError: naming ``path``.
@@ -31,6 +56,9 @@ def check_file(path: Path) -> None:
         raise CheckpointError(f"{path}: no such file")
     if path.is_dir():
         raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
+    if not stat.S_ISREG(path.stat().st_mode):
+        raise CheckpointError(f"{path}: not a regular file (a FIFO, socket or device); wsconvert "
+                              "reads only regular files")
     try:
         size = path.stat().st_size
         with path.open("rb"):
@@ -42,10 +70,13 @@ def check_file(path: Path) -> None:
 
 
 def cwd_importable() -> None:
-    """As ``python -m`` does: user model code next to the checkpoint must be importable."""
+    """Make user model code in the current directory importable, after everything else: the
+    directory is appended to ``sys.path``, so a file there named like a standard or installed
+    module (``onnx.py``, ``numpy.py``) never shadows it. Called only when a user factory or a
+    trusted pickle is about to run."""
     cwd = os.getcwd()
     if cwd not in sys.path:
-        sys.path.insert(0, cwd)
+        sys.path.append(cwd)
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -84,12 +115,86 @@ def _import_class(qualname: str) -> type:
     return obj  # type: ignore[no-any-return]
 
 
+def _checked_allow(qualname: str) -> str:
+    if is_dangerous(qualname):
+        raise UsageError(f"`allow_classes` {qualname}: refused: unpickling it runs commands or "
+                         "code, or touches files; it is never allowed by name")
+    return qualname
+
+
+_STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING",
+               "BINSTRING", "STRING"}
+_MEMO_PUTS = {"PUT", "BINPUT", "LONG_BINPUT"}
+_MEMO_GETS = {"GET", "BINGET", "LONG_BINGET"}
+
+
+def _pickle_globals(data: bytes) -> list[str]:
+    """The globals every pickle in ``data`` would import, read without unpickling (one pickle, or
+    the several back-to-back pickles of torch's legacy format). Stops at the first byte that is
+    not a pickle (the legacy format's raw tensor data)."""
+    found: list[str] = []
+    stream = io.BytesIO(data)
+    while stream.tell() < len(data):
+        strings: list[object] = []  # the stack of recent pushes, strings or None
+        memo: dict[object, object] = {}
+        start = stream.tell()
+        try:
+            for op, arg, _ in pickletools.genops(stream):
+                name = op.name
+                if name in ("GLOBAL", "INST"):
+                    found.append(str(arg).replace(" ", "."))
+                elif name == "STACK_GLOBAL" and len(strings) >= 2:
+                    module, attr = strings[-2], strings[-1]
+                    if isinstance(module, str) and isinstance(attr, str):
+                        found.append(f"{module}.{attr}")
+                if name in _STRING_OPS:
+                    strings.append(arg if isinstance(arg, str) else None)
+                elif name in _MEMO_PUTS:
+                    memo[arg] = strings[-1] if strings else None
+                elif name == "MEMOIZE":
+                    memo[len(memo)] = strings[-1] if strings else None
+                elif name in _MEMO_GETS:
+                    strings.append(memo.get(arg))
+                else:
+                    strings.append(None)
+        except (ValueError, EOFError, UnicodeDecodeError, KeyError, IndexError):
+            break
+        if stream.tell() == start:
+            break
+    # Protocol-2 pickles (torch's legacy format) name Python 2 modules; pickle maps them.
+    renamed = [("builtins" + n[len("__builtin__"):]) if n.startswith("__builtin__.") else
+               ("copyreg" + n[len("copy_reg"):]) if n.startswith("copy_reg.") else n
+               for n in found]
+    return list(dict.fromkeys(renamed))
+
+
 def unsafe_globals(path: Path) -> list[str]:
-    """The ``MODULE.NAME`` globals unpickling ``path`` would import (empty when unknown)."""
+    """The ``MODULE.NAME`` globals unpickling ``path`` would import beyond what ``weights_only``
+    allows (empty when unknown): from the archive's ``data.pkl`` for zip checkpoints, from the
+    pickle stream for torch's legacy format and raw pickles."""
     try:
-        return list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+        if zipfile.is_zipfile(path):
+            return list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+        from torch import _weights_only_unpickler as unpickler
+
+        safe = set(unpickler._get_allowed_globals()) | set(
+            unpickler._get_user_allowed_globals())  # type: ignore[no-untyped-call]
+        return [n for n in _pickle_globals(path.read_bytes()) if n not in safe]
     except Exception:  # noqa: BLE001 - only used to enrich an error message
         return []
+
+
+def _untrusted(path: Path, names: Sequence[str]) -> UntrustedCheckpointError:
+    shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+    dangerous = [n for n in names if is_dangerous(n)]
+    if dangerous:
+        return UntrustedCheckpointError(
+            f"{path}: loading would call {', '.join(dangerous[:3])}, which runs commands or "
+            f"code (it imports {shown}); this is not what a model checkpoint needs: pass "
+            "`trust=True` only if you made this file yourself")
+    return UntrustedCheckpointError(
+        f"{path}: loading would import {shown} (unpickling runs code); pass `trust=True` if you "
+        "trust this file, or `allow_classes=[MODULE.CLASS]` for each class")
 
 
 @contextlib.contextmanager
@@ -121,7 +226,7 @@ def read_checkpoint(path: str | os.PathLike[str], *, trust: bool = False,
         cwd_importable()
         loader: Callable[[], Any] = lambda: torch.load(p, map_location="cpu", weights_only=False)  # noqa: E731
     else:
-        allowed: list[Any] = [_import_class(q) for q in allow_classes]
+        allowed: list[Any] = [_import_class(_checked_allow(q)) for q in allow_classes]
 
         def loader() -> Any:
             with torch.serialization.safe_globals(allowed):
@@ -133,14 +238,14 @@ def read_checkpoint(path: str | os.PathLike[str], *, trust: bool = False,
         names = unsafe_globals(p)
         if trust or not names:
             raise CheckpointError(f"{p}: {_describe_unreadable(p, exc)}") from None
-        shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
-        raise UntrustedCheckpointError(
-            f"{p}: loading would import {shown} (unpickling runs code); pass `trust=True` if you "
-            "trust this file, or `allow_classes=[MODULE.CLASS]` for each class") from None
+        raise _untrusted(p, names) from None
     except ModuleNotFoundError as exc:
         raise CheckpointError(f"{p}: the pickled model needs module {exc.name!r}, which is not "
                               "importable from here") from None
     except (RuntimeError, EOFError, OSError, ValueError, AttributeError, KeyError, TypeError,
             IndexError, UnicodeDecodeError, OverflowError, MemoryError, zipfile.BadZipFile,
             ImportError) as exc:
+        names = [] if trust else unsafe_globals(p)
+        if names:  # a raw pickle: torch reads it as a broken legacy archive
+            raise _untrusted(p, names) from None
         raise CheckpointError(f"{p}: {_describe_unreadable(p, exc)}") from None

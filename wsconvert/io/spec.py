@@ -12,7 +12,11 @@ from torch import nn
 from wsconvert.errors import ModelSpecError, UsageError
 from wsconvert.io.safe import cwd_importable
 
-__all__ = ["build_model", "parse_kwargs"]
+__all__ = ["BUNDLED_FACTORIES", "build_model", "parse_kwargs"]
+
+BUNDLED_FACTORIES = frozenset({"wsconvert.examples.tinynet:build"})
+"""wsconvert's own model builders: a checkpoint that records one of these needs no consent to
+rebuild (every other recorded factory does, see :func:`wsconvert.io.wsfile.load_model`)."""
 
 
 def parse_kwargs(kwargs: Mapping[str, Any] | str | None) -> dict[str, Any]:
@@ -35,7 +39,8 @@ def parse_kwargs(kwargs: Mapping[str, Any] | str | None) -> dict[str, Any]:
 def build_model(spec: str, kwargs: Mapping[str, Any] | str | None = None) -> nn.Module:
     """Import ``MODULE:FACTORY`` and call it with ``kwargs``; returns the module in eval mode.
 
-    The current directory is importable, as for ``python -m``. This runs the named module's code.
+    The current directory is importable, after the standard library and the installed
+    packages (so a file there never shadows them). This runs the named module's code.
 
     Raises:
         ModelSpecError: malformed spec, import failure, factory failure, or not an ``nn.Module``.
@@ -65,4 +70,11 @@ def build_model(spec: str, kwargs: Mapping[str, Any] | str | None = None) -> nn.
                              f"{type(exc).__name__}: {exc}") from None
     if not isinstance(model, nn.Module):
         raise ModelSpecError(f"`model` {spec} returned {type(model).__name__}, not an nn.Module")
+    lazy = [n for n, t in [*model.named_parameters(), *model.named_buffers()]
+            if nn.parameter.is_lazy(t)]
+    if lazy:
+        raise ModelSpecError(
+            f"`model` {spec} builds a model with lazy (uninitialized) parameters "
+            f"({', '.join(lazy[:3])}{' ...' if len(lazy) > 3 else ''}); build it with concrete "
+            "sizes (Conv2d instead of LazyConv2d), or run one forward pass in the factory")
     return model.eval()

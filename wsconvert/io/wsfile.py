@@ -24,14 +24,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from wsconvert import __version__
-from wsconvert.errors import CheckpointError, UsageError
+from wsconvert.errors import CheckpointError, UntrustedCheckpointError, UsageError
 from wsconvert.io.arch import arch_of, set_arch
 from wsconvert.io.atomic import atomic_output, save_bytes
 from wsconvert.io.safe import read_checkpoint
-from wsconvert.io.spec import build_model, parse_kwargs
+from wsconvert.io.spec import BUNDLED_FACTORIES, build_model, parse_kwargs
 from wsconvert.io.state import (
     WS_FORMAT_KEY,
     is_state_dict,
@@ -43,8 +44,8 @@ from wsconvert.io.state import (
 from wsconvert.norms import restore_group_norm
 from wsconvert.surgery import restore_ws, unregister_ws, ws_layer_configs, ws_layers
 
-__all__ = ["FORMAT_VERSION", "TRANSFORMS", "LoadedModel", "is_ws_checkpoint", "load",
-           "load_model", "save"]
+__all__ = ["FORMAT_VERSION", "TRANSFORMS", "LoadedModel", "check_finite", "is_ws_checkpoint",
+           "load", "load_model", "save"]
 
 FORMAT_VERSION = 2
 _V1_GROUP_NORM_FACTORY = "wsconvert.norms:build_with_group_norm"
@@ -84,17 +85,41 @@ def is_ws_checkpoint(obj: Any) -> bool:
     return isinstance(obj, Mapping) and WS_FORMAT_KEY in obj
 
 
+def check_finite(model: nn.Module, where: str, *, allow_nonfinite: bool = False) -> None:
+    """Refuse weights or statistics holding NaN or inf (a diverged run, a corrupted file).
+
+    Raises:
+        CheckpointError: naming the first offending entries, unless ``allow_nonfinite``.
+    """
+    if allow_nonfinite:
+        return
+    bad = [k for k, t in model.state_dict().items()
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        shown = ", ".join(bad[:4]) + (f" (+{len(bad) - 4} more)" if len(bad) > 4 else "")
+        raise CheckpointError(f"{where}: non-finite values (NaN or inf) in {shown}; pass "
+                              "`allow_nonfinite=True` to load it anyway")
+
+
 def load_model(path: str | os.PathLike[str], model: str | None = None,
                model_kwargs: Mapping[str, Any] | str | None = None, *, trust: bool = False,
-               allow_classes: Sequence[str] = ()) -> LoadedModel:
+               allow_classes: Sequence[str] = (), allow_nonfinite: bool = False) -> LoadedModel:
     """Load a model from any supported checkpoint form.
+
+    A wsconvert checkpoint records the ``MODULE:FACTORY`` that rebuilds its architecture. Running
+    a factory named in a file needs consent, as running its code would: ``model`` naming the same
+    factory (checked against the record), or ``trust``. wsconvert's own builders
+    (:data:`~wsconvert.io.spec.BUNDLED_FACTORIES`) need none.
 
     Args:
         path: checkpoint file.
-        model: ``MODULE:FACTORY`` building the architecture, for state dicts.
-        model_kwargs: keyword arguments for the factory (a mapping or a JSON object string).
-        trust: allow unpickling whole modules (runs code from the file).
+        model: ``MODULE:FACTORY`` building the architecture, for state dicts; for a wsconvert
+            checkpoint, the consent to run the factory it records (must be the same).
+        model_kwargs: keyword arguments for the factory (a mapping or a JSON object string); for
+            a wsconvert checkpoint, when given, must equal the recorded ones.
+        trust: allow unpickling whole modules, and running a recorded factory (runs code).
         allow_classes: ``MODULE.CLASS`` names to allow without full trust.
+        allow_nonfinite: accept NaN / inf weights and statistics.
 
     Raises:
         CheckpointError, UntrustedCheckpointError, ModelSpecError, UsageError.
@@ -102,10 +127,13 @@ def load_model(path: str | os.PathLike[str], model: str | None = None,
     p = Path(path)
     obj = read_checkpoint(p, trust=trust, allow_classes=allow_classes)
     if is_ws_checkpoint(obj):
-        return _load_ws(obj, p)
+        loaded = _load_ws(obj, p, model, model_kwargs, trust=trust)
+        check_finite(loaded.model, str(p), allow_nonfinite=allow_nonfinite)
+        return loaded
     obj = unwrap(obj)
     if isinstance(obj, nn.Module):
         arch: dict[str, Any] = {"kind": "pickle"}
+        check_finite(obj, str(p), allow_nonfinite=allow_nonfinite)
         if model is not None:
             note = f"{p} holds a whole module; `model` {model} was not used"
             return LoadedModel(obj.eval(), p, "module", arch, notes=[note])
@@ -119,9 +147,37 @@ def load_model(path: str | os.PathLike[str], model: str | None = None,
     net = build_model(model, model_kwargs)
     state, prefix = strip_prefix(obj, set(net.state_dict()))
     load_state_dict_strict(net, state, str(p))
+    check_finite(net, str(p), allow_nonfinite=allow_nonfinite)
     arch = {"kind": "factory", "factory": model, "kwargs": parse_kwargs(model_kwargs)}
     set_arch(net, arch)
     return LoadedModel(net, p, "state_dict", arch, stripped_prefix=prefix)
+
+
+def _consent(arch: Mapping[str, Any], path: Path, model: str | None,
+             model_kwargs: Mapping[str, Any] | str | None, trust: bool) -> None:
+    """Allow running the factory a checkpoint records only with the caller's consent.
+
+    Raises:
+        UsageError: ``model`` / ``model_kwargs`` given and not the recorded ones.
+        UntrustedCheckpointError: no consent for a factory that is not wsconvert's own.
+    """
+    factory = str(arch.get("factory"))
+    recorded = dict(arch.get("kwargs") or {})
+    if model is not None:
+        if model != factory:
+            raise UsageError(f"{path}: the file records the factory {factory}, not `model` "
+                             f"{model}; pass `model='{factory}'` to rebuild it with that factory")
+        if model_kwargs is not None and parse_kwargs(model_kwargs) != recorded:
+            raise UsageError(f"{path}: `model_kwargs` {parse_kwargs(model_kwargs)} differ from "
+                             f"the recorded {recorded}; leave `model_kwargs` out")
+        return
+    if trust or factory in BUNDLED_FACTORIES:
+        return
+    shown = f"{factory}(**{recorded})" if recorded else factory
+    raise UntrustedCheckpointError(
+        f"{path}: rebuilding its model calls {shown}, a factory named in the file (running it "
+        f"runs that module's code); pass `model='{factory}'` to consent if you trust it, or "
+        "`trust=True`")
 
 
 def _upgrade(arch: dict[str, Any]) -> dict[str, Any]:
@@ -146,7 +202,9 @@ def _build(arch: Mapping[str, Any], path: Path) -> nn.Module:
     return net
 
 
-def _load_ws(obj: Mapping[str, Any], path: Path) -> LoadedModel:
+def _load_ws(obj: Mapping[str, Any], path: Path, model: str | None = None,
+             model_kwargs: Mapping[str, Any] | str | None = None, *,
+             trust: bool = False) -> LoadedModel:
     version = obj.get(WS_FORMAT_KEY)
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise CheckpointError(f"{path}: wsconvert format {version!r} is newer than this "
@@ -157,13 +215,16 @@ def _load_ws(obj: Mapping[str, Any], path: Path) -> LoadedModel:
         state = obj["state_dict"]
     except (KeyError, TypeError, ValueError):
         raise CheckpointError(f"{path}: wsconvert checkpoint is incomplete") from None
-    if version < 2:
-        arch = _upgrade(arch)
+    arch = _upgrade(arch)  # a format-1 record, in whatever file it comes
     if arch.get("kind") == "factory":
+        _consent(arch, path, model, model_kwargs, trust)
         net = _build(arch, path)
         restore_ws(net, configs)
         load_state_dict_strict(net, state, str(path))
     elif arch.get("kind") == "pickle" and isinstance(obj.get("module"), nn.Module):
+        if model is not None:
+            raise UsageError(f"{path}: holds a pickled module (no factory to rebuild); "
+                             "`model` does not apply")
         net = obj["module"]
         restore_ws(net, configs)
         # The pickled module already holds the trainable weights; the state dict has the rest.
@@ -177,27 +238,37 @@ def _load_ws(obj: Mapping[str, Any], path: Path) -> LoadedModel:
     return LoadedModel(net.eval(), path, "wsconvert", arch)
 
 
-def load(path: str | os.PathLike[str], *, trust: bool = False,
-         allow_classes: Sequence[str] = ()) -> nn.Module:
+def load(path: str | os.PathLike[str], *, model: str | None = None,
+         model_kwargs: Mapping[str, Any] | str | None = None, trust: bool = False,
+         allow_classes: Sequence[str] = (), allow_nonfinite: bool = False) -> nn.Module:
     """Load a WS model written by ``wsconvert apply`` or :func:`save`, ready to train.
 
     Args:
         path: the wsconvert checkpoint.
-        trust: needed when the original model was a pickled module.
+        model: the ``MODULE:FACTORY`` the file records: consent to run it (wsconvert's own
+            builders need none).
+        model_kwargs: when given, must equal the recorded keyword arguments.
+        trust: consent to run the recorded factory; needed too when the original model was a
+            pickled module.
         allow_classes: ``MODULE.CLASS`` names to allow without full trust.
+        allow_nonfinite: accept NaN / inf weights and statistics.
 
     Raises:
-        CheckpointError: not a wsconvert checkpoint, or unreadable.
+        CheckpointError: not a wsconvert checkpoint, unreadable, or non-finite values.
+        UntrustedCheckpointError: a recorded factory without consent.
 
     Example:
-        >>> model = wsconvert.load("resnet.ws.pt")          # doctest: +SKIP
+        >>> model = wsconvert.load("resnet.ws.pt", model="torchvision.models:resnet50")
+        ... # doctest: +SKIP
         >>> model.train()                                   # doctest: +SKIP
     """
     p = Path(path)
     obj = read_checkpoint(p, trust=trust, allow_classes=allow_classes)
     if not is_ws_checkpoint(obj):
         raise CheckpointError(f"{p}: not a wsconvert checkpoint (write one with `wsconvert apply`)")
-    return _load_ws(obj, p).model.train()
+    loaded = _load_ws(obj, p, model, model_kwargs, trust=trust)
+    check_finite(loaded.model, str(p), allow_nonfinite=allow_nonfinite)
+    return loaded.model.train()
 
 
 def ws_payload(model: nn.Module) -> dict[str, Any]:
