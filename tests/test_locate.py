@@ -257,6 +257,10 @@ def test_batchnorm_fused_by_the_exporter_is_named_at_the_bn(tmp_path: Path) -> N
 
 # -- the CLI, end to end through the entry point ------------------------------------------------
 
+# The WS checkpoint records its factory; naming it is the consent to run it.
+WS = ("net.ws.pt", "-m", "wsnets:build")
+AGAINST = ("--against", *WS)
+
 
 @pytest.fixture
 def gate_files(cli: Cli, net_state: Path) -> Path:
@@ -266,7 +270,7 @@ def gate_files(cli: Cli, net_state: Path) -> Path:
     proc = cli.run("apply", net_state, "-m", "wsnets:build", "--convention", "bit", "--init",
                    "scale", cwd=cwd)
     assert proc.returncode == 0, proc.stderr
-    proc = cli.run("fold", "net.ws.pt", "--onnx", "net.onnx", "--input-shape", "1,3,16,16",
+    proc = cli.run("fold", *WS, "--onnx", "net.onnx", "--input-shape", "1,3,16,16",
                    "--dynamic-batch", "--locate", "--min-top1-agreement", "1", cwd=cwd)
     assert proc.returncode == 0, proc.stderr
     for text in ("min atol", "min rtol", "top-1", "where it diverges",
@@ -278,7 +282,7 @@ def gate_files(cli: Cli, net_state: Path) -> Path:
 
 def test_cli_names_the_diverging_module(cli: Cli, gate_files: Path) -> None:
     cwd = gate_files
-    proc = cli.run("check", "bad.onnx", "--against", "net.ws.pt", "--seeds", "1", "--junit",
+    proc = cli.run("check", "bad.onnx", *AGAINST, "--seeds", "1", "--junit",
                    "j.xml", "--report", "r.json", cwd=cwd)
     cli.one_line_error(proc, 1, "parity fails", "export stage first diverges at dw (Conv2d)")
     assert "export stage, input set seed0-b1: first divergence at dw (Conv2d)" in proc.stdout
@@ -288,17 +292,17 @@ def test_cli_names_the_diverging_module(cli: Cli, gate_files: Path) -> None:
     (located,) = json.loads((cwd / "r.json").read_text())["located"]
     assert located["divergence"]["module"] == "dw"
 
-    proc = cli.run("check", "bad.onnx", "--against", "net.ws.pt", "--seeds", "1", "--json",
+    proc = cli.run("check", "bad.onnx", *AGAINST, "--seeds", "1", "--json",
                    cwd=cwd)
     assert proc.returncode == 1
     parity = json.loads(proc.stdout)["parity"]
     assert parity["located"][0]["divergence"]["onnx_op_types"] == ["Conv", "Relu"]
     # What would pass, at its edge: the reported minimum atol passes, the float below fails.
     worst = max(c["min_atol"] for c in parity["comparisons"])
-    at = cli.run("check", "bad.onnx", "--against", "net.ws.pt", "--seeds", "1", "--atol",
+    at = cli.run("check", "bad.onnx", *AGAINST, "--seeds", "1", "--atol",
                  repr(worst), cwd=cwd)
     assert at.returncode == 0, at.stderr
-    below = cli.run("check", "bad.onnx", "--against", "net.ws.pt", "--seeds", "1", "--atol",
+    below = cli.run("check", "bad.onnx", *AGAINST, "--seeds", "1", "--atol",
                     repr(math.nextafter(worst, 0)), cwd=cwd)
     assert below.returncode == 1
 
@@ -318,7 +322,7 @@ def test_cli_min_top1_agreement_at_its_edge(cli: Cli, gate_files: Path) -> None:
     shifted[0] += np.median(logits[:, 2] - logits[:, 0])
     bias.CopyFrom(numpy_helper.from_array(shifted, bias.name))
     onnx.save(proto, str(cwd / "noisy.onnx"))
-    args = ["check", "noisy.onnx", "--against", "net.ws.pt", "--atol", "10", "--batch-sizes",
+    args = ["check", "noisy.onnx", *AGAINST, "--atol", "10", "--batch-sizes",
             "16", "--seeds", "1"]
     proc = cli.run(*args, "--json", cwd=cwd)
     assert proc.returncode == 0, proc.stderr
@@ -334,17 +338,17 @@ def test_cli_min_top1_agreement_at_its_edge(cli: Cli, gate_files: Path) -> None:
 
 def test_cli_bad_locate_and_top1_input(cli: Cli, gate_files: Path, tmp_path: Path) -> None:
     cwd = gate_files
-    cli.assert_bad(["check", "net.onnx", "--against", "net.ws.pt", "--min-top1-agreement",
+    cli.assert_bad(["check", "net.onnx", *AGAINST, "--min-top1-agreement",
                     "1.5"], "--min-top1-agreement", cwd=cwd)
-    cli.assert_bad(["fold", "net.ws.pt", "-o", "x.pt", "--onnx", "x.onnx", "--no-check",
+    cli.assert_bad(["fold", *WS, "-o", "x.pt", "--onnx", "x.onnx", "--no-check",
                     "--locate"], "--locate", cwd=cwd)
     # No module metadata and no parameter names: --locate while parity holds is exit 2 ...
     _strip(cwd / "net.onnx", cwd / "anon.onnx", rename=True)
-    proc = cli.run("check", "anon.onnx", "--against", "net.ws.pt", "--locate", cwd=cwd)
+    proc = cli.run("check", "anon.onnx", *AGAINST, "--locate", cwd=cwd)
     cli.one_line_error(proc, 2, "records no module scopes")
     # ... and when parity fails, exit 1 with the reason in the report.
     _strip(cwd / "bad.onnx", cwd / "anon_bad.onnx", rename=True)
-    proc = cli.run("check", "anon_bad.onnx", "--against", "net.ws.pt", "--seeds", "1", cwd=cwd)
+    proc = cli.run("check", "anon_bad.onnx", *AGAINST, "--seeds", "1", cwd=cwd)
     cli.one_line_error(proc, 1, "parity fails")
     assert "not located" in proc.stdout and "Traceback" not in proc.stderr
     # A graph with a custom op: onnxruntime cannot load it.
@@ -355,5 +359,5 @@ g (float[1, 3, 16, 16] x) => (float[1, 3] y) {
 }
 """)
     onnx.save(proto, str(cwd / "custom.onnx"))
-    proc = cli.run("check", "custom.onnx", "--against", "net.ws.pt", "--locate", cwd=cwd)
+    proc = cli.run("check", "custom.onnx", *AGAINST, "--locate", cwd=cwd)
     cli.one_line_error(proc, 2, "onnxruntime cannot load it")

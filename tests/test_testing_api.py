@@ -89,15 +89,16 @@ def test_checkpoint_reference_and_explicit_inputs(net_state: Path, tmp_path: Pat
     ws = apply_ws(plain, "paper").model.eval()
     wsconvert.save(ws, tmp_path / "net.ws.pt")
     path = _export(ws, tmp_path / "net.onnx", (1, 3, 10, 10), dynamic=True)
-    report = assert_parity(path, tmp_path / "net.ws.pt", input_shape=(2, 3, 10, 10), seeds=1,
+    ws_file = {"reference": tmp_path / "net.ws.pt", "model": "wsnets:build"}  # consent: factory
+    report = assert_parity(path, **ws_file, input_shape=(2, 3, 10, 10), seeds=1,
                            batch_sizes=[2, 3])
     assert report.stages == ["fold", "export"]
     assert report.meta["input_sets"] == ["seed0-b2", "seed0-b3"]
     x = torch.randn(3, 3, 10, 10)
-    report = assert_parity(path, tmp_path / "net.ws.pt", inputs=x)
+    report = assert_parity(path, **ws_file, inputs=x)
     assert report.meta["input_sets"] == ["inputs"]
     torch.save((x,), tmp_path / "x.pt")
-    assert assert_parity(path, tmp_path / "net.ws.pt", inputs=tmp_path / "x.pt").passed()
+    assert assert_parity(path, **ws_file, inputs=tmp_path / "x.pt").passed()
     # A plain state dict needs its architecture: a plain reference, the export stage only.
     plain_onnx = tmp_path / "plain.onnx"
     export_onnx(plain, plain_onnx, ExportConfig(((1, 3, 10, 10),), dynamic_batch=True))
