@@ -150,7 +150,7 @@ def main() -> None:
             "locate": [exe, "fold", str(ws), "--onnx", "out.onnx", "--dynamic-batch",
                        "--force", "--locate"],
             "fold-base": [str(args.baseline_exe), "fold", str(ws), "--onnx", "out.onnx",
-                          "--dynamic-batch", "--force"],
+                          "--dynamic-batch", "--force", "--trust"],
         }
         times: dict[str, list[float]] = {v: [] for v in variants}
         for r in range(args.rounds):
