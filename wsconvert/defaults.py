@@ -20,6 +20,10 @@ __all__ = [
     "OPSET",
     "PROBE_BATCH",
     "PROBE_SPATIAL",
+    "RECOVER_BATCH_SIZE",
+    "RECOVER_HOLDOUT",
+    "RECOVER_LR",
+    "RECOVER_STEPS",
 ]
 
 CONVENTION = "paper"
@@ -53,3 +57,12 @@ GATE_SEEDS = 2
 """Random input sets per batch size of the parity gate."""
 GATE_BATCH_SIZES = (1, 4)
 """Batch sizes the gate checks when the exported batch is dynamic."""
+
+RECOVER_STEPS = 200
+"""Distillation steps of recovery (``--recover-steps``); measured in docs/recovery.md."""
+RECOVER_BATCH_SIZE = 32
+"""Distillation batch size of recovery."""
+RECOVER_LR = 3e-3
+"""Adam learning rate of recovery's distillation (cosine decay to zero)."""
+RECOVER_HOLDOUT = 0.2
+"""Share of the recovery samples held out for measuring (a count when >= 1)."""

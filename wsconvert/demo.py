@@ -1,10 +1,12 @@
 """The bundled end-to-end demo: the whole wsconvert pipeline on a tiny task, offline.
 
 Stages, each timed: fine-tune a short BatchNorm baseline at batch 32 from the bundled pretrained
-TinyNet; ``apply`` (WS + GroupNorm swap, ``--init exact``); fine-tune at batch 2 (the paper's
-micro-batch regime); ``fold`` from the saved WS checkpoint; ONNX export; parity with onnxruntime.
-Every file goes into one directory. Apply and fold-export-parity are :mod:`wsconvert.pipeline`
-calls, as the commands make them. The library computes; ``wsconvert demo`` renders.
+TinyNet; ``apply`` (WS + GroupNorm swap, ``--init exact``, recovered on unlabeled training
+images as ``--calib-data`` does; step-0 accuracy before and after recovery); fine-tune at batch
+2 (the paper's micro-batch regime); ``fold`` from the saved WS checkpoint; ONNX export; parity
+with onnxruntime. Every file goes into one directory. Apply and fold-export-parity are
+:mod:`wsconvert.pipeline` calls, as the commands make them. The library computes;
+``wsconvert demo`` renders.
 """
 
 from __future__ import annotations
@@ -24,13 +26,15 @@ from wsconvert.examples.shapes import make_dataset
 from wsconvert.examples.training import accuracy, fine_tune
 from wsconvert.io.atomic import check_output, save_state_dict
 from wsconvert.io.wsfile import load, load_model, save
+from wsconvert.norms import swap_norm
 from wsconvert.pipeline import convert, fold_and_export
+from wsconvert.surgery import apply_ws
 
 __all__ = ["FILES", "STAGES", "DemoConfig", "DemoResult", "check_outputs", "run_demo"]
 
 STAGES = ("baseline", "apply", "fine-tune", "fold", "export", "parity")
-FILES = ("tinynet.pt", "baseline.pt", "baseline.ws.pt", "tuned.ws.pt", "tuned.folded.pt",
-         "tuned.onnx", "parity.json", "parity.xml")
+FILES = ("tinynet.pt", "baseline.pt", "calib.pt", "baseline.ws.pt", "tuned.ws.pt",
+         "tuned.folded.pt", "tuned.onnx", "parity.json", "parity.xml")
 """The files the demo writes in its directory."""
 
 
@@ -48,11 +52,13 @@ class DemoConfig:
     seed: int = 0
     threads: int = 1  # a 25k-parameter net: one thread is fastest, and immune to contention
     force: bool = False  # replace files of an earlier run in ``out_dir``
+    recover_samples: int = 512
+    recover_steps: int = 100
 
     @classmethod
     def quick(cls, out_dir: Path, force: bool = False) -> DemoConfig:
         return cls(out_dir, train_samples=128, test_samples=128, baseline_epochs=1,
-                   finetune_epochs=1, force=force)
+                   finetune_epochs=1, force=force, recover_samples=128, recover_steps=10)
 
 
 @dataclass
@@ -128,13 +134,24 @@ def run_demo(config: DemoConfig,
                                                        force=True)
 
         with stage("apply"):
+            # Step-0 accuracy of the plain conversion, then the same conversion recovered on
+            # unlabeled training images (as `apply --calib-data`).
+            plain = swap_norm(apply_ws(load_model(result.files["baseline"], EXAMPLE_FACTORY)
+                                       .model, init="exact").model, config.groups).model
+            result.accuracy["converted"] = accuracy(plain, xt, yt)
+            calib = save_state_dict((x[:config.recover_samples],), out / "calib.pt", force=True)
             converted = convert(result.files["baseline"], out / "baseline.ws.pt",
                                 model=EXAMPLE_FACTORY, init="exact", norm="gn",
-                                groups=config.groups, drift=False, force=True)
+                                groups=config.groups, drift=False, force=True,
+                                calib_data=calib, recover_steps=config.recover_steps,
+                                recover_seed=config.seed)
             result.summaries["apply"] = converted.apply.summary()
             result.summaries["norm"] = converted.norm.summary() if converted.norm else ""
-            result.accuracy["converted"] = accuracy(converted.model, xt, yt)
+            if converted.recovery is not None:
+                result.summaries["recovery"] = converted.recovery.summary()
+            result.accuracy["recovered"] = accuracy(converted.model, xt, yt)
             result.files["ws"] = converted.output
+            result.files["calib"] = calib
 
         with stage("fine-tune"):
             model = load(result.files["ws"])

@@ -235,6 +235,8 @@ class DriftCheck:
         after: drift after calibration (``None`` without calibration).
         threshold: overall relative change above which the drift counts as large.
         suggestion: what to do about a large drift (empty when small).
+        alternatives: the overall drift the other inits measured on the same probes (empty when
+            not measured).
     """
 
     before: DriftReport
@@ -242,6 +244,7 @@ class DriftCheck:
     after: DriftReport | None = None
     threshold: float = DRIFT_THRESHOLD
     suggestion: str = ""
+    alternatives: dict[str, float] = field(default_factory=dict)
 
     @property
     def final(self) -> DriftReport:
@@ -256,13 +259,15 @@ class DriftCheck:
                 "before": self.before.to_dict(),
                 "calibration": self.calibration.to_dict() if self.calibration else None,
                 "after": self.after.to_dict() if self.after else None,
-                "suggestion": self.suggestion}
+                "suggestion": self.suggestion, "alternatives": dict(self.alternatives)}
 
 
 def check_drift(original: nn.Module, converted: nn.Module, source: ProbeSource, *,
                 calibrate: int = 0, init: str = "plain", norm: str = "keep",
                 threshold: float = DRIFT_THRESHOLD,
-                max_batches: int = DRIFT_BATCHES) -> DriftCheck:
+                max_batches: int = DRIFT_BATCHES,
+                alternatives: Callable[[str], nn.Module] | None = None,
+                recovering: bool = False) -> DriftCheck:
     """Measure the conversion's drift, optionally calibrate BatchNorms, measure again, advise.
 
     Calibration (``calibrate`` batches) modifies ``converted`` in place. Random calibration batches
@@ -278,6 +283,11 @@ def check_drift(original: nn.Module, converted: nn.Module, source: ProbeSource, 
         norm: ``keep`` or ``gn`` (for the advice).
         threshold: relative output change above which the drift is large.
         max_batches: random probe batches for the drift measurement.
+        alternatives: ``init -> the same conversion with that init``; when the drift is large,
+            the other inits are measured on the same probes
+            (:func:`wsconvert.recovery.measure_inits`) and only one that measured lower is
+            suggested.
+        recovering: recovery on real samples follows (the advice does not suggest it).
 
     Raises:
         UsageError: the forward fails on the probe inputs, or ``calibrate`` is negative.
@@ -296,5 +306,12 @@ def check_drift(original: nn.Module, converted: nn.Module, source: ProbeSource, 
             source=source.describe())
         check.after = measure_drift(original, converted, lambda k: source.batch(k, like), n,
                                     source=source.describe())
-    check.suggestion = drift_advice(check, init, norm, real=source.real)
+    if alternatives is not None and check.large:
+        from wsconvert.recovery import measure_inits
+        from wsconvert.ws import INIT_MODES
+
+        others = [i for i in INIT_MODES if i != init]
+        check.alternatives = measure_inits(original, alternatives,
+                                           [source.batch(k, like) for k in range(n)], others)
+    check.suggestion = drift_advice(check, init, norm, real=source.real, recovering=recovering)
     return check

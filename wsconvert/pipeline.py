@@ -51,6 +51,13 @@ from wsconvert.io.wsfile import LoadedModel, check_finite, load_model, ws_payloa
 from wsconvert.norms import NormSwapReport, check_groups, swap_norm
 from wsconvert.parity import LocateMode, ParityReport, graph_input_shapes, onnx_inputs
 from wsconvert.probes import ProbeSource, check_probe_options
+from wsconvert.recovery import (
+    RecoveryProgress,
+    RecoveryReport,
+    check_options,
+    load_samples,
+    recover,
+)
 from wsconvert.surgery import ApplyReport, apply_ws
 
 __all__ = [
@@ -159,8 +166,9 @@ class ConvertResult:
         loaded: the model as loaded (the original, unchanged when the drift check ran).
         apply: the WS conversion report; ``apply.model`` is the converted model.
         norm: the GroupNorm swap (``None`` with ``norm="keep"``).
-        drift: the drift check (``None`` when skipped).
+        drift: the drift check (``None`` when skipped), measured before recovery.
         drift_skipped: why the drift check was skipped (``""`` when it ran).
+        recovery: the recovery on ``calib_data`` (``None`` without it).
     """
 
     input: Path
@@ -170,6 +178,7 @@ class ConvertResult:
     norm: NormSwapReport | None = None
     drift: DriftCheck | None = None
     drift_skipped: str = ""
+    recovery: RecoveryReport | None = None
 
     @property
     def model(self) -> nn.Module:
@@ -180,7 +189,8 @@ class ConvertResult:
                 else {"mode": "keep"})
         drift = self.drift.to_dict() if self.drift is not None else {"skipped": self.drift_skipped}
         return {"input": str(self.input), "output": str(self.output), **self.apply.to_dict(),
-                "norm": norm, "drift": drift}
+                "norm": norm, "drift": drift,
+                "recovery": self.recovery.to_dict() if self.recovery is not None else None}
 
 
 def convert(checkpoint: PathLike, output: PathLike | None = None, *, model: str | None = None,
@@ -192,13 +202,24 @@ def convert(checkpoint: PathLike, output: PathLike | None = None, *, model: str 
             inputs: PathLike | None = None, calibrate: int = 0, drift: bool = True,
             trust: bool = False, allow_classes: Sequence[str] = (), force: bool = False,
             allow_nonfinite: bool = False, allow_large_inputs: bool = False,
+            calib_data: PathLike | None = None, recover_steps: int | None = None,
+            recover_batch_size: int | None = None, recover_lr: float | None = None,
+            recover_holdout: float | None = None, recover_seed: int = 0,
+            image_size: int | Sequence[int] | None = None, mean: Sequence[float] | None = None,
+            std: Sequence[float] | None = None,
+            recover_progress: Callable[[RecoveryProgress], None] | None = None,
+            should_stop: Callable[[], bool] | None = None,
             progress: Progress = _no_progress) -> ConvertResult:
     """Put WS on a checkpoint's layers and write a WS checkpoint (``wsconvert apply``).
 
     Stages: load, ``apply`` (:func:`~wsconvert.surgery.apply_ws`), ``norm`` (with ``norm="gn"``,
     :func:`~wsconvert.norms.swap_norm`), ``drift`` (with ``drift``,
     :func:`~wsconvert.drift.check_drift` on probes of ``input_shape`` / ``inputs``; an inferred
-    probe shape the model rejects only skips the check), ``save``.
+    probe shape the model rejects only skips the check), ``recover`` (with ``calib_data``:
+    :func:`~wsconvert.recovery.recover` on the samples read by
+    :func:`~wsconvert.recovery.load_samples`; ``recover_*`` are its ``steps``, ``batch_size``,
+    ``lr``, ``holdout`` and ``seed``, ``recover_progress`` / ``should_stop`` its ``progress`` /
+    ``should_stop``), ``save``. A stopped recovery writes nothing.
 
     Args:
         checkpoint: the input checkpoint (any form :func:`~wsconvert.io.wsfile.load_model` reads).
@@ -226,17 +247,33 @@ def convert(checkpoint: PathLike, output: PathLike | None = None, *, model: str 
         shapes = (parse_shapes(input_shape) if isinstance(input_shape, str)
                   else [tuple(s) for s in input_shape])
         check_input_size(shapes, allow_large=allow_large_inputs)
-    with OutputSet(force=force, protect=_inputs(checkpoint=checkpoint, inputs=inputs)
-                   ) as outputs:
+    recover_options = _recover_options(calib_data, calibrate, recover_steps, recover_batch_size,
+                                       recover_lr, recover_holdout, image_size, mean, std)
+    with OutputSet(force=force, protect=_inputs(checkpoint=checkpoint, inputs=inputs,
+                                                calib_data=calib_data)) as outputs:
         target = outputs.add(output if output is not None else default_output(checkpoint,
                                                                               ".ws.pt"),
                              name="output")
+        samples = None
+        if calib_data is not None:
+            with progress("data"):
+                samples = load_samples(calib_data, image_size=image_size, mean=mean, std=std,
+                                       name="calib_data")
         with progress("load"):
             loaded = load_model(checkpoint, model, model_kwargs, trust=trust,
                                 allow_classes=allow_classes, allow_nonfinite=allow_nonfinite)
+
+        def conversion(with_init: str) -> nn.Module:
+            converted = apply_ws(loaded.model, convention, eps, with_init, include, exclude,
+                                 transposed=transposed, linear=linear).model
+            if norm == "gn":
+                swap_norm(converted, groups, convert_frozen=convert_frozen, inplace=True)
+            return converted
+
         with progress("apply"):
             report = apply_ws(loaded.model, convention, eps, init, include, exclude,
-                              transposed=transposed, linear=linear, inplace=not drift)
+                              transposed=transposed, linear=linear,
+                              inplace=not drift and samples is None)
         result = ConvertResult(Path(checkpoint), target, loaded, report)
         if norm == "gn":
             with progress("norm"):
@@ -249,15 +286,43 @@ def convert(checkpoint: PathLike, output: PathLike | None = None, *, model: str 
                 try:
                     source = ProbeSource.for_model(loaded.model, input_shape, inputs)
                     result.drift = check_drift(loaded.model, report.model, source,
-                                               calibrate=calibrate, init=init, norm=norm)
+                                               calibrate=calibrate, init=init, norm=norm,
+                                               alternatives=conversion,
+                                               recovering=samples is not None)
                 except UsageError as exc:
                     if input_shape is not None or inputs is not None or calibrate:
                         raise
                     result.drift_skipped = str(exc)
+        if samples is not None:
+            with progress("recover"):
+                result.recovery = recover(
+                    report.model, loaded.model, samples, seed=recover_seed,
+                    name=f"`calib_data` {calib_data}", progress=recover_progress,
+                    should_stop=should_stop, **recover_options)
         with progress("save"):
             save_bytes(ws_payload(report.model), outputs.stage(target))
             outputs.commit()
     return result
+
+
+def _recover_options(calib_data: PathLike | None, calibrate: int, steps: int | None,
+                     batch_size: int | None, lr: float | None, holdout: float | None,
+                     image_size: int | Sequence[int] | None, mean: Sequence[float] | None,
+                     std: Sequence[float] | None) -> dict[str, Any]:
+    """The :func:`~wsconvert.recovery.recover` keywords given, checked before anything runs."""
+    given = {"steps": steps, "batch_size": batch_size, "lr": lr, "holdout": holdout}
+    options: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+    if calib_data is None:
+        named = [f"`recover_{k}`" for k in options] + [
+            f"`{k}`" for k, v in (("image_size", image_size), ("mean", mean), ("std", std))
+            if v is not None]
+        if named:
+            raise UsageError(f"{', '.join(named)} need `calib_data`")
+        return options
+    if calibrate:
+        raise UsageError("`calib_data` re-estimates the norms itself: drop `calibrate`")
+    check_options(**options, prefix="recover_")
+    return options
 
 
 # ---------------------------------------------------------------------------- the parity gate

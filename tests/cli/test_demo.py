@@ -23,11 +23,14 @@ def test_demo_quick_end_to_end(cli: Cli, tmp_path: Path) -> None:
     assert result["parity"]["passed"] is True
     assert set(result["parity"]["stages"]) == {"fold", "export"}
     acc = result["accuracy"]
-    assert set(acc) == {"pretrained", "bn_baseline_b32", "converted", "ws_gn_b2", "folded"}
+    assert set(acc) == {"pretrained", "bn_baseline_b32", "converted", "recovered", "ws_gn_b2",
+                        "folded"}
+    assert acc["recovered"] > acc["converted"]  # --init exact + GroupNorm starts at chance
     assert acc["folded"] == acc["ws_gn_b2"]  # folding keeps the function
     assert set(result["seconds"]) == {"baseline", "apply", "fine-tune", "fold", "export",
                                       "parity"}
-    for key in ("baseline", "ws", "tuned", "folded", "onnx", "parity_json", "parity_junit"):
+    for key in ("baseline", "calib", "ws", "tuned", "folded", "onnx", "parity_json",
+                "parity_junit"):
         assert Path(result["files"][key]).parent == out and Path(result["files"][key]).exists()
     # The tuned WS checkpoint rebuilds on its own (GroupNorm swap included).
     model = wsconvert.load(out / "tuned.ws.pt")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import signal
+import threading
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -23,10 +25,103 @@ from wsconvert.cli._common import (
     guarded,
 )
 from wsconvert.cli._render import drift_lines, layer_table, norm_table, translated
+from wsconvert.errors import UsageError
+
+if TYPE_CHECKING:
+    from wsconvert.recovery import RecoveryProgress
 
 _STAGES = {"load": "loading the checkpoint...", "apply": "applying WS...",
            "norm": "swapping BatchNorm for GroupNorm...",
-           "drift": "measuring drift on probe inputs...", "save": "writing the WS checkpoint..."}
+           "drift": "measuring drift on probe inputs...", "save": "writing the WS checkpoint...",
+           "data": "reading --calib-data..."}
+_STAGE_LABELS = {"calibrate": "BatchNorm statistics", "closed-form": "closed-form norm refit",
+                 "distill": "distillation"}
+
+
+class _RecoveryView:
+    """A progress bar per recovery stage (with ETA) and Ctrl-C as a cooperative stop: the first
+    Ctrl-C asks the library to stop after the current step (it then restores the model and nothing
+    is written); a second one interrupts at once."""
+
+    def __init__(self, out: Output) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                            TextColumn("{task.fields[info]}"), console=out.err, transient=True)
+        self.tasks: dict[str, Any] = {}
+        self.stop = False
+        self.previous: Any = None
+
+    def __enter__(self) -> _RecoveryView:
+        self.bar.start()
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._interrupt)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.stop()
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+    def _interrupt(self, signum: int, frame: Any) -> None:
+        self.stop = True
+        signal.signal(signal.SIGINT, self.previous)
+
+    def should_stop(self) -> bool:
+        return self.stop
+
+    def update(self, event: RecoveryProgress) -> None:
+        task = self.tasks.get(event.stage)
+        if task is None:
+            task = self.tasks[event.stage] = self.bar.add_task(
+                _STAGE_LABELS.get(event.stage, event.stage), total=event.total, info="")
+        info = "" if event.loss is None else f"loss {event.loss:.4g}"
+        if event.detail:
+            info = f"{info}  {escape(event.detail)}" if info else escape(event.detail)
+        self.bar.update(task, completed=event.done, total=event.total, info=info)
+
+
+def _floats(text: str | None, name: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--{name} wants comma-separated numbers, got {text!r}") from None
+
+
+def recovery_lines(rec: dict[str, Any]) -> list[Any]:
+    """The recovery report: held-out figures per stage, then what was done."""
+    from rich.table import Table
+
+    table = Table(title=f"recovery (held out: {rec['samples_holdout']} of "
+                  f"{rec['samples_holdout'] + rec['samples_fit']} samples)", title_justify="left")
+    for col in ("stage", "output error", "top-1 agreement", "time"):
+        table.add_column(col, justify="left" if col == "stage" else "right")
+    for s in rec["stages"]:
+        agree = "n/a" if s["agreement"] is None else f"{100 * s['agreement']:.1f}%"
+        table.add_row(s["stage"], f"{100 * s['relative_error']:.3g}%", agree,
+                      f"{s['seconds']:.1f} s")
+    done = f"refitted {len(rec['fitted'])} norm(s)"
+    if rec["kept"] == "converted":
+        done += " (undone: it measured worse than the conversion on the held-out slice)"
+    if rec["calibrated"]:
+        done += f" after re-estimating {len(rec['calibrated'])} BatchNorm(s)"
+    if rec["steps"]:
+        best = (f"the {rec['kept']} state kept (no step improved on it)" if rec["best_step"] == 0
+                else f"best held-out state at step {rec['best_step']}")
+        done += (f"; distilled {rec['steps_run']} step(s) ({rec['loss']} loss, batch "
+                 f"{rec['batch_size']}, lr {rec['lr']:g}, "
+                 f"{1000 * rec['seconds_per_step']:.0f} ms/step), {best}")
+    return [table, f"[green]✓[/] {escape(done)}"]
 
 
 @guarded
@@ -74,6 +169,34 @@ def apply_cmd(
     drift: Annotated[bool, typer.Option(
         "--drift/--no-drift", help="Run the original and converted models on probe inputs and "
         "report the change.")] = True,
+    calib_data: Annotated[Path | None, typer.Option(
+        "--calib-data", metavar="PATH", help="Unlabeled samples of the model's domain: a folder "
+        "of .png/.jpg/.jpeg images or a .pt/.npy/.npz tensor [N, C, ...]. The converted model "
+        "is fitted to reproduce the original on them (closed-form norm refit, then "
+        "distillation), measured on a held-out slice.", show_default=False)] = None,
+    recover_steps: Annotated[int | None, typer.Option(
+        metavar="N", help="Distillation steps after the closed form (0: closed form only) "
+        f"[default: {defaults.RECOVER_STEPS}].", show_default=False)] = None,
+    recover_batch_size: Annotated[int | None, typer.Option(
+        metavar="N", help="Distillation batch size "
+        f"[default: {defaults.RECOVER_BATCH_SIZE}].", show_default=False)] = None,
+    recover_lr: Annotated[float | None, typer.Option(
+        metavar="LR", help=f"Distillation Adam learning rate [default: "
+        f"{defaults.RECOVER_LR:g}].", show_default=False)] = None,
+    recover_holdout: Annotated[float | None, typer.Option(
+        metavar="F", help="Held-out share of --calib-data (a count when >= 1) [default: "
+        f"{defaults.RECOVER_HOLDOUT:g}].", show_default=False)] = None,
+    recover_seed: Annotated[int, typer.Option(
+        metavar="N", help="Seed of the held-out split and the batch order.")] = 0,
+    image_size: Annotated[int | None, typer.Option(
+        metavar="PX", help="Resize --calib-data images to cover PX x PX and crop the centre "
+        "[default: images must share one size].", show_default=False)] = None,
+    mean: Annotated[str | None, typer.Option(
+        metavar="R,G,B", help="Per-channel mean for --calib-data images in [0, 1] "
+        "[default: ImageNet's 0.485,0.456,0.406].", show_default=False)] = None,
+    std: Annotated[str | None, typer.Option(
+        metavar="R,G,B", help="Per-channel std for --calib-data images "
+        "[default: ImageNet's 0.229,0.224,0.225].", show_default=False)] = None,
     trust: TrustOpt = False,
     allow_class: AllowClassOpt = None,
     force: ForceOpt = False,
@@ -90,13 +213,22 @@ def apply_cmd(
     from wsconvert.pipeline import convert  # imports torch: not on the --help path
 
     out = Output(as_json)
+    view = _RecoveryView(out)
+
+    def progress(stage: str) -> Any:
+        return view if stage == "recover" else out.status(_STAGES[stage])
+
     result = convert(
         checkpoint, output, model=model, model_kwargs=model_kwargs, convention=convention,
         eps=eps, init=init, include=include or (), exclude=exclude or (), transposed=transposed,
         linear=linear, norm=norm, groups=groups, convert_frozen=convert_frozen,
         input_shape=input_shape, inputs=inputs, calibrate=calibrate, drift=drift, trust=trust,
         allow_classes=allow_class or (), force=force, allow_nonfinite=allow_nonfinite,
-        allow_large_inputs=allow_large_inputs, progress=lambda stage: out.status(_STAGES[stage]))
+        allow_large_inputs=allow_large_inputs, calib_data=calib_data,
+        recover_steps=recover_steps, recover_batch_size=recover_batch_size,
+        recover_lr=recover_lr, recover_holdout=recover_holdout, recover_seed=recover_seed,
+        image_size=image_size, mean=_floats(mean, "mean"), std=_floats(std, "std"),
+        recover_progress=view.update, should_stop=view.should_stop, progress=progress)
     for note in result.loaded.notes:
         out.warn(note)
     if result.drift_skipped and drift:
@@ -108,6 +240,9 @@ def apply_cmd(
         out.result(norm_table(payload["norm"]["norms"], "BatchNorm -> GroupNorm"))
     if result.drift is not None:
         for line in drift_lines(payload["drift"]):
+            out.result(line)
+    if result.recovery is not None:
+        for line in recovery_lines(payload["recovery"]):
             out.result(line)
     out.result(f"[green]✓[/] {escape(result.apply.summary())}; wrote {escape(result.output)}")
     if result.norm is not None:

@@ -16,7 +16,7 @@ from wsconvert.errors import ParityFailure
 
 _LABELS = {
     "baseline": "fine-tune a short BatchNorm baseline (batch 32)",
-    "apply": "apply WS + GroupNorm (paper, --init exact, --norm gn)",
+    "apply": "apply WS + GroupNorm (paper, --init exact, --norm gn, --calib-data)",
     "fine-tune": "fine-tune the WS + GN model at batch 2",
     "fold": "fold WS into static weights",
     "export": "export ONNX (dynamic batch)",
@@ -72,9 +72,12 @@ def demo_cmd(
     table.add_column(style="bold")
     table.add_column()
     table.add_row("accuracy", f"pretrained {acc['pretrained']:.1%} -> BN baseline (b32) "
-                  f"{acc['bn_baseline_b32']:.1%} -> converted {acc['converted']:.1%} -> "
+                  f"{acc['bn_baseline_b32']:.1%} -> converted {acc['converted']:.1%} -> recovered "
+                  f"{acc['recovered']:.1%} -> "
                   f"WS+GN fine-tuned (b2) {acc['ws_gn_b2']:.1%}; folded {acc['folded']:.1%}")
     table.add_row("apply", escape(f"{result.summaries['apply']}; {result.summaries['norm']}"))
+    if "recovery" in result.summaries:
+        table.add_row("recovery", escape(result.summaries["recovery"]))
     table.add_row("fold", escape(result.summaries["fold"]))
     table.add_row("onnx", escape(", ".join(f"{k} {v}" for k, v in result.op_histogram.items())))
     if result.parity is not None:

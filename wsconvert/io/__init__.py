@@ -7,5 +7,6 @@
 * :mod:`~wsconvert.io.arch`: the architecture record a model carries for its checkpoint.
 * :mod:`~wsconvert.io.wsfile`: the wsconvert checkpoint format; loading any checkpoint form.
 * :mod:`~wsconvert.io.inputs`: input shapes and sample-input files.
+* :mod:`~wsconvert.io.images`: a folder of images as one normalized tensor (recovery data).
 * :mod:`~wsconvert.io.atomic`: atomic writes and output sets committed together.
 """
