@@ -12,10 +12,18 @@ from pathlib import Path
 from torch import nn
 
 from wsconvert.defaults import GATE_BATCH_SIZES
-from wsconvert.errors import UsageError
+from wsconvert.errors import ConversionError, UsageError
+from wsconvert.fold import fold_ws
 from wsconvert.io.atomic import OutputSet
 from wsconvert.io.inputs import InputSet, check_input_size, load_inputs
-from wsconvert.parity import ParityReport, check_parity, make_inputs, save_failing_inputs
+from wsconvert.parity import (
+    LocateMode,
+    ParityReport,
+    check_locate_options,
+    check_parity,
+    make_inputs,
+    save_failing_inputs,
+)
 from wsconvert.validate import check_gate_options, parse_batch_sizes
 
 PathLike = str | os.PathLike[str]
@@ -33,13 +41,18 @@ class GatePlan:
     report: Path | None
     junit: Path | None
     save_failing: Path | None
+    min_top1_agreement: float | None = None
+    locate: LocateMode = "on_failure"
 
 
 def plan_gate(outputs: OutputSet, seeds: int, batch_sizes: str | Sequence[int] | None,
               inputs: PathLike | None, atol: float, rtol: float, report: PathLike | None,
-              junit: PathLike | None, save_failing: PathLike | None) -> GatePlan:
+              junit: PathLike | None, save_failing: PathLike | None,
+              min_top1_agreement: float | None = None,
+              locate: LocateMode = "on_failure") -> GatePlan:
     """Check the gate's options and claim its report files, before any work."""
     check_gate_options(seeds, atol, rtol)
+    check_locate_options(min_top1_agreement, locate)
     files = {}
     for name, path in (("report", report), ("junit", junit)):
         if path is not None and not Path(path).parent.is_dir():
@@ -50,7 +63,18 @@ def plan_gate(outputs: OutputSet, seeds: int, batch_sizes: str | Sequence[int] |
         raise UsageError(f"`save_failing` {failing}: exists and is not a directory")
     return GatePlan(seeds, parse_batch_sizes(batch_sizes),
                     None if inputs is None else Path(inputs), atol, rtol, files["report"],
-                    files["junit"], failing)
+                    files["junit"], failing, min_top1_agreement, locate)
+
+
+def fold_reference(reference: nn.Module) -> nn.Module | None:
+    """The folded model of a WS reference (ours or another library's), for the ``fold`` stage;
+    ``None`` for a plain reference, or one with an unknown parametrization (the ONNX file is then
+    compared with it directly)."""
+    try:
+        fold = fold_ws(reference)
+    except ConversionError:
+        return None
+    return None if fold.noop else fold.model
 
 
 def gate_inputs(plan: GatePlan, outputs: OutputSet, shapes: Sequence[tuple[int, ...]],
@@ -82,7 +106,8 @@ def run_gate(plan: GatePlan, outputs: OutputSet, onnx_path: Path, run_path: Path
               sets: list[InputSet]) -> ParityReport:
     """Check parity on ``run_path`` (the ONNX file as written so far), stage the reports."""
     report = check_parity(run_path, reference, sets, folded=folded, atol=plan.atol,
-                          rtol=plan.rtol)
+                          rtol=plan.rtol, min_top1_agreement=plan.min_top1_agreement,
+                          locate=plan.locate)
     report.meta["onnx"] = str(onnx_path)
     if plan.report is not None:
         outputs.stage(plan.report).write_text(report.to_json())

@@ -25,7 +25,7 @@ from typing import Any
 
 from torch import nn
 
-from wsconvert._gate import gate_inputs, plan_gate, run_gate
+from wsconvert._gate import fold_reference, gate_inputs, plan_gate, run_gate
 from wsconvert._gate import save_failing as save_failing_stage
 from wsconvert.calibration import check_calibrate
 from wsconvert.defaults import (
@@ -38,7 +38,7 @@ from wsconvert.defaults import (
     OPSET,
 )
 from wsconvert.drift import DriftCheck, check_drift
-from wsconvert.errors import ConversionError, UsageError
+from wsconvert.errors import UsageError
 from wsconvert.export import ExportConfig, ExportResult, export_onnx
 from wsconvert.fold import FoldReport, fold_ws
 from wsconvert.inspection import LayerInfo, inspect_model
@@ -55,10 +55,7 @@ from wsconvert.io.safe import check_file
 from wsconvert.io.state import load_weights_into
 from wsconvert.io.wsfile import LoadedModel, check_finite, load_model, ws_payload
 from wsconvert.norms import NormSwapReport, check_groups, swap_norm
-from wsconvert.parity import (
-    ParityReport,
-    onnx_inputs,
-)
+from wsconvert.parity import LocateMode, ParityReport, graph_input_shapes, onnx_inputs
 from wsconvert.probes import ProbeSource, check_probe_options
 from wsconvert.recovery import (
     RecoveryProgress,
@@ -358,7 +355,8 @@ def gate(onnx_file: PathLike, against: PathLike, *, model: str | None = None,
          seeds: int = GATE_SEEDS, batch_sizes: str | Sequence[int] | None = None,
          inputs: PathLike | None = None, atol: float = GATE_ATOL, rtol: float = GATE_RTOL,
          report: PathLike | None = None, junit: PathLike | None = None,
-         save_failing: PathLike | None = None, trust: bool = False,
+         save_failing: PathLike | None = None, min_top1_agreement: float | None = None,
+         locate: LocateMode = "on_failure", trust: bool = False,
          allow_classes: Sequence[str] = (), force: bool = False, allow_nonfinite: bool = False,
          allow_large_inputs: bool = False, progress: Progress = _no_progress) -> GateResult:
     """Gate an ONNX file on parity with its checkpoint (``wsconvert check``).
@@ -369,7 +367,7 @@ def gate(onnx_file: PathLike, against: PathLike, *, model: str | None = None,
     gate; the report files are written either way. Every output (reports, and the files
     ``save_failing`` would write) is checked against every input and every other output before
     the model is loaded; ``force`` allows replacing files in ``save_failing`` and writing through
-    symlinks.
+    symlinks. ``min_top1_agreement`` and ``locate`` are :func:`~wsconvert.parity.check_parity`'s.
 
     Raises:
         WsconvertError: bad options or files (nothing is written then).
@@ -378,21 +376,10 @@ def gate(onnx_file: PathLike, against: PathLike, *, model: str | None = None,
     with OutputSet(force=force, protect=_inputs(onnx_file=onnx_file, against=against,
                                                 inputs=inputs)) as outputs:
         plan = plan_gate(outputs, seeds, batch_sizes, inputs, atol, rtol, report, junit,
-                          save_failing)
+                         save_failing, min_top1_agreement, locate)
         check_file(onnx_path)
         graph_inputs = onnx_inputs(onnx_path)
-        dynamic = bool(graph_inputs) and all(isinstance(dims[0], str)
-                                             for _, dims in graph_inputs if dims)
-        if input_shape:
-            shapes = list(parse_shapes(input_shape))
-        else:
-            shapes = []
-            for name, dims in graph_inputs:
-                concrete = [1 if i == 0 and isinstance(d, str) else d for i, d in enumerate(dims)]
-                if any(isinstance(d, str) for d in concrete):
-                    raise UsageError(f"{onnx_path}: input {name} has symbolic dims {dims}; pass "
-                                     "`input_shape`")
-                shapes.append(tuple(int(d) for d in concrete))
+        shapes, dynamic = graph_input_shapes(onnx_path, input_shape)
         if len(shapes) != len(graph_inputs) and inputs is None:
             raise UsageError(f"{onnx_path} takes {len(graph_inputs)} input(s), got {len(shapes)} "
                              "`input_shape`")
@@ -403,11 +390,7 @@ def gate(onnx_file: PathLike, against: PathLike, *, model: str | None = None,
         reference = loaded.model.eval()
         _check_float32(reference, against)
         with progress("fold"):
-            try:
-                fold = fold_ws(reference)
-                folded = None if fold.noop else fold.model
-            except ConversionError:  # an unknown parametrization: compare the file directly
-                folded = None
+            folded = fold_reference(reference)
         with progress("gate"):
             parity = run_gate(plan, outputs, onnx_path, onnx_path, reference, folded, sets)
         outputs.commit()
@@ -463,7 +446,9 @@ def fold_and_export(checkpoint: PathLike, output: PathLike | None = None, *,
                     inputs: PathLike | None = None, atol: float = GATE_ATOL,
                     rtol: float = GATE_RTOL, report: PathLike | None = None,
                     junit: PathLike | None = None, save_failing: PathLike | None = None,
-                    trust: bool = False, allow_classes: Sequence[str] = (), force: bool = False,
+                    min_top1_agreement: float | None = None,
+                    locate: LocateMode = "on_failure", trust: bool = False,
+                    allow_classes: Sequence[str] = (), force: bool = False,
                     allow_nonfinite: bool = False, allow_large_inputs: bool = False,
                     progress: Progress = _no_progress) -> FoldResult:
     """Fold WS into plain weights; with ``onnx``, export and gate on parity (``wsconvert fold``).
@@ -489,7 +474,9 @@ def fold_and_export(checkpoint: PathLike, output: PathLike | None = None, *,
         WsconvertError: any stage failing; nothing is written then.
     """
     gate_args = {"report": report, "junit": junit, "save_failing": save_failing,
-                 "inputs": inputs, "batch_sizes": batch_sizes}
+                 "inputs": inputs, "batch_sizes": batch_sizes,
+                 "min_top1_agreement": min_top1_agreement,
+                 "locate": None if locate == "on_failure" else locate}
     protect = _inputs(checkpoint=checkpoint, from_ws=from_ws, inputs=inputs)
     with OutputSet(force=force, protect=protect) as outputs:
         target = Path(output) if output is not None else default_output(checkpoint, ".folded.pt")
@@ -505,7 +492,8 @@ def fold_and_export(checkpoint: PathLike, output: PathLike | None = None, *,
             raise UsageError(f"{', '.join(unused)} need the parity check (`onnx` without "
                              "`check=False`)")
         plan = (plan_gate(outputs, seeds, batch_sizes, inputs, atol, rtol, report, junit,
-                           save_failing) if onnx_path is not None and check else None)
+                          save_failing, min_top1_agreement, locate)
+                if onnx_path is not None and check else None)
         shapes = parse_shapes(input_shape or [])
         check_input_size(shapes, allow_large=allow_large_inputs)
         with progress("load"):

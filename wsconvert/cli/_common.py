@@ -72,6 +72,13 @@ JunitOpt = Annotated[Path | None, typer.Option(
 SaveFailingOpt = Annotated[Path | None, typer.Option(
     "--save-failing", metavar="DIR", help="On failure, save the failing inputs here.",
     show_default=False)]
+LocateOpt = Annotated[bool, typer.Option(
+    "--locate", help="Name the first diverging module even when parity holds (it is always "
+                     "located when parity fails).")]
+MinTop1Opt = Annotated[float | None, typer.Option(
+    "--min-top1-agreement", metavar="SHARE",
+    help="Also require this share of samples with the reference's top-1 class on classifier "
+         "outputs (2-D, more than one class), e.g. 0.99.", show_default=False)]
 
 
 class Output:

@@ -93,29 +93,54 @@ def drift_lines(check: dict[str, Any]) -> list[str]:
 
 
 def parity_table(report: ParityReport) -> Table:
+    from wsconvert.parity import fmt_up
+
+    top = any(c.classifier for c in report.comparisons)
     table = Table(title=f"Parity (|got - ref| <= {report.atol:g} + {report.rtol:g} * |ref|)",
                   title_justify="left")
-    for col in ("stage", "inputs", "output", "max abs", "max rel", "out of tol", "cosine", ""):
-        table.add_column(col, justify="right" if col.startswith(("max", "out", "cos")) else "left")
+    cols = ["stage", "inputs", "output", "max abs", "max rel", "out of tol", "cosine", "min atol",
+            "min rtol", *(["top-1"] if top else []), ""]
+    for col in cols:
+        table.add_column(col, justify="right" if col.startswith(
+            ("max", "out", "cos", "min", "top")) else "left")
     for c in report.comparisons:
         mark = "[green]pass[/]" if c.passed else f"[red]FAIL[/] {escape(c.reason)}"
         table.add_row(c.stage, escape(c.input_set), escape(c.output), fmt(c.max_abs),
-                      fmt(c.max_rel), fmt(100 * c.frac_out) + "%", fmt(c.cosine, ".7f"), mark)
+                      fmt(c.max_rel), fmt(100 * c.frac_out) + "%", fmt(c.cosine, ".7f"),
+                      fmt_up(c.min_atol), fmt_up(c.min_rtol),
+                      *([fmt(c.top1, ".3f")] if top else []), mark)
     return table
 
 
 def stage_lines(report: ParityReport) -> list[str]:
-    """Per stage: ``cases within tolerance, max abs, max rel``."""
-    return [f"{s['cases'] - s['failed']}/{s['cases']} within tolerance, max abs "
-            f"{fmt(s['max_abs'])}, max rel {fmt(s['max_rel'])}"
-            for s in report.stage_summary().values()]
+    """Per stage: ``cases within tolerance, max abs, max rel``, the tolerances that would pass,
+    and the lowest top-1 agreement where there are classifier outputs."""
+    from wsconvert.parity import fmt_up
+
+    lines = []
+    for s in report.stage_summary().values():
+        line = (f"{s['cases'] - s['failed']}/{s['cases']} within tolerance, max abs "
+                f"{fmt(s['max_abs'])}, max rel {fmt(s['max_rel'])}; would pass at atol "
+                f"{fmt_up(s['min_atol'])} or rtol {fmt_up(s['min_rtol'])}")
+        if s["min_top1"] is not None:
+            line += f"; top-1 agreement >= {s['min_top1']:.4g}"
+        lines.append(line)
+    return lines
 
 
 def parity_lines(out: Output, report: ParityReport) -> None:
-    """The parity table and one summary line per stage."""
+    """The parity table, one summary line per stage, and where it diverges (when located)."""
     out.result(parity_table(report))
-    for stage, line in zip(report.stage_summary(), stage_lines(report), strict=True):
+    for stage, line in zip(report.stages, stage_lines(report), strict=True):
         out.result(f"  {stage}: {line}")
+    if report.localizations:
+        out.result("[bold]where it diverges[/]")
+    for loc in report.localizations:
+        text = escape(cli_text(loc.describe()))
+        if loc.divergence is not None:
+            where = escape(loc.divergence.where)
+            text = text.replace(where, f"[bold red]{where}[/]", 1)
+        out.result("  " + text.replace("\n", "\n  "))
 
 
 def verdict(out: Output, report: ParityReport) -> None:
@@ -127,6 +152,10 @@ def verdict(out: Output, report: ParityReport) -> None:
     stages = ", ".join(sorted({c.stage for c in report.failures}))
     saved = report.meta.get("failing_inputs_saved_to")
     where = f"; failing inputs saved to {saved}" if saved else ""
+    located = [f"{loc.stage} stage first diverges at {loc.divergence.where}"
+               for loc in report.localizations if loc.divergence is not None]
+    if located:
+        where = "; " + "; ".join(located) + where
     nonfinite = sum("non-finite" in c.reason for c in report.failures)
     why = (f"{nonfinite} with non-finite values (NaN or inf)" if nonfinite == n else
            f"out of tolerance, {nonfinite} of them non-finite" if nonfinite else

@@ -19,6 +19,8 @@ from wsconvert.cli._common import (
     InputsOpt,
     JsonOpt,
     JunitOpt,
+    LocateOpt,
+    MinTop1Opt,
     ModelKwargsOpt,
     ModelOpt,
     Output,
@@ -53,6 +55,8 @@ def check_cmd(
     report: ReportOpt = None,
     junit: JunitOpt = None,
     save_failing: SaveFailingOpt = None,
+    min_top1_agreement: MinTop1Opt = None,
+    locate: LocateOpt = False,
     trust: TrustOpt = False,
     allow_class: AllowClassOpt = None,
     force: ForceOpt = False,
@@ -73,7 +77,9 @@ def check_cmd(
     result = gate(onnx_file, against, model=model, model_kwargs=model_kwargs,
                   input_shape=input_shape, seeds=seeds, batch_sizes=batch_sizes, inputs=inputs,
                   atol=atol, rtol=rtol, report=report, junit=junit, save_failing=save_failing,
-                  trust=trust, allow_classes=allow_class or (), force=force,
+                  min_top1_agreement=min_top1_agreement,
+                  locate="always" if locate else "on_failure", trust=trust,
+                  allow_classes=allow_class or (), force=force,
                   allow_nonfinite=allow_nonfinite, allow_large_inputs=allow_large_inputs,
                   progress=lambda stage: out.status(_STAGES[stage]))
     parity_lines(out, result.parity)

@@ -20,6 +20,8 @@ from wsconvert.cli._common import (
     InputsOpt,
     JsonOpt,
     JunitOpt,
+    LocateOpt,
+    MinTop1Opt,
     ModelKwargsOpt,
     ModelOpt,
     Output,
@@ -70,6 +72,8 @@ def fold_cmd(
     report: ReportOpt = None,
     junit: JunitOpt = None,
     save_failing: SaveFailingOpt = None,
+    min_top1_agreement: MinTop1Opt = None,
+    locate: LocateOpt = False,
     trust: TrustOpt = False,
     allow_class: AllowClassOpt = None,
     force: ForceOpt = False,
@@ -98,8 +102,10 @@ def fold_cmd(
         whole_module=whole_module, bake_unknown=bake_unknown, fuse_bn=fuse_bn, onnx=onnx,
         input_shape=input_shape, dynamic_batch=dynamic_batch, opset=opset, check=not no_check,
         seeds=seeds, batch_sizes=batch_sizes, inputs=inputs, atol=atol, rtol=rtol, report=report,
-        junit=junit, save_failing=save_failing, trust=trust, allow_classes=allow_class or (),
-        force=force, allow_nonfinite=allow_nonfinite, allow_large_inputs=allow_large_inputs,
+        junit=junit, save_failing=save_failing, min_top1_agreement=min_top1_agreement,
+        locate="always" if locate else "on_failure", trust=trust,
+        allow_classes=allow_class or (), force=force, allow_nonfinite=allow_nonfinite,
+        allow_large_inputs=allow_large_inputs,
         progress=lambda stage: out.status(stages[stage]))
     out.result(f"[green]✓[/] {escape(result.fold.summary())}; wrote {escape(result.output)}")
     out.result(f"  {escape(result.output)} is {escape(result.architecture['summary'])}")
