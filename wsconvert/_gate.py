@@ -15,7 +15,7 @@ from wsconvert.defaults import GATE_BATCH_SIZES
 from wsconvert.errors import ConversionError, UsageError
 from wsconvert.fold import fold_ws
 from wsconvert.io.atomic import OutputSet
-from wsconvert.io.inputs import InputSet, check_input_size, load_inputs
+from wsconvert.io.inputs import InputSet, check_input_size, image_sets, load_inputs
 from wsconvert.parity import (
     LocateMode,
     ParityReport,
@@ -43,13 +43,18 @@ class GatePlan:
     save_failing: Path | None
     min_top1_agreement: float | None = None
     locate: LocateMode = "on_failure"
+    image_size: int | None = None  # image-folder ``inputs`` only (as ``apply``'s calib_data)
+    mean: Sequence[float] | None = None
+    std: Sequence[float] | None = None
 
 
 def plan_gate(outputs: OutputSet, seeds: int, batch_sizes: str | Sequence[int] | None,
               inputs: PathLike | None, atol: float, rtol: float, report: PathLike | None,
               junit: PathLike | None, save_failing: PathLike | None,
               min_top1_agreement: float | None = None,
-              locate: LocateMode = "on_failure") -> GatePlan:
+              locate: LocateMode = "on_failure", image_size: int | None = None,
+              mean: Sequence[float] | None = None,
+              std: Sequence[float] | None = None) -> GatePlan:
     """Check the gate's options and claim its report files, before any work."""
     check_gate_options(seeds, atol, rtol)
     check_locate_options(min_top1_agreement, locate)
@@ -59,11 +64,15 @@ def plan_gate(outputs: OutputSet, seeds: int, batch_sizes: str | Sequence[int] |
             raise UsageError(f"`{name}` {path}: directory {Path(path).parent} does not exist")
         files[name] = None if path is None else outputs.add(path, replace=True, name=name)
     failing = None if save_failing is None else Path(save_failing)
+    image_options = image_size is not None or mean is not None or std is not None
+    if image_options and (inputs is None or not Path(inputs).is_dir()):
+        raise UsageError("`image_size`, `mean` and `std` apply to a folder of images given as "
+                         "`inputs`")
     if failing is not None and failing.exists() and not failing.is_dir():
         raise UsageError(f"`save_failing` {failing}: exists and is not a directory")
     return GatePlan(seeds, parse_batch_sizes(batch_sizes),
                     None if inputs is None else Path(inputs), atol, rtol, files["report"],
-                    files["junit"], failing, min_top1_agreement, locate)
+                    files["junit"], failing, min_top1_agreement, locate, image_size, mean, std)
 
 
 def fold_reference(reference: nn.Module) -> nn.Module | None:
@@ -81,7 +90,12 @@ def gate_inputs(plan: GatePlan, outputs: OutputSet, shapes: Sequence[tuple[int, 
                 dynamic: bool, allow_large: bool = False) -> list[InputSet]:
     """The input sets (random ones checked against the size limit before they are made), and
     the files ``save_failing`` would write claimed against every input and output."""
-    if plan.inputs is not None:
+    if plan.inputs is not None and plan.inputs.is_dir():
+        # Batches of the exported batch size (static), or of the largest size checked (dynamic).
+        batch = max(plan.batch_sizes or GATE_BATCH_SIZES) if dynamic else shapes[0][0]
+        sets = image_sets(plan.inputs, batch, image_size=plan.image_size, mean=plan.mean,
+                          std=plan.std)
+    elif plan.inputs is not None:
         sets = load_inputs(plan.inputs)
     else:
         sizes = plan.batch_sizes

@@ -356,9 +356,11 @@ def gate(onnx_file: PathLike, against: PathLike, *, model: str | None = None,
          inputs: PathLike | None = None, atol: float = GATE_ATOL, rtol: float = GATE_RTOL,
          report: PathLike | None = None, junit: PathLike | None = None,
          save_failing: PathLike | None = None, min_top1_agreement: float | None = None,
-         locate: LocateMode = "on_failure", trust: bool = False,
-         allow_classes: Sequence[str] = (), force: bool = False, allow_nonfinite: bool = False,
-         allow_large_inputs: bool = False, progress: Progress = _no_progress) -> GateResult:
+         locate: LocateMode = "on_failure", image_size: int | None = None,
+         mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+         trust: bool = False, allow_classes: Sequence[str] = (), force: bool = False,
+         allow_nonfinite: bool = False, allow_large_inputs: bool = False,
+         progress: Progress = _no_progress) -> GateResult:
     """Gate an ONNX file on parity with its checkpoint (``wsconvert check``).
 
     A WS reference (ours or another library's) is folded first so both stages are reported;
@@ -376,7 +378,7 @@ def gate(onnx_file: PathLike, against: PathLike, *, model: str | None = None,
     with OutputSet(force=force, protect=_inputs(onnx_file=onnx_file, against=against,
                                                 inputs=inputs)) as outputs:
         plan = plan_gate(outputs, seeds, batch_sizes, inputs, atol, rtol, report, junit,
-                         save_failing, min_top1_agreement, locate)
+                         save_failing, min_top1_agreement, locate, image_size, mean, std)
         check_file(onnx_path)
         graph_inputs = onnx_inputs(onnx_path)
         shapes, dynamic = graph_input_shapes(onnx_path, input_shape)
@@ -447,8 +449,9 @@ def fold_and_export(checkpoint: PathLike, output: PathLike | None = None, *,
                     rtol: float = GATE_RTOL, report: PathLike | None = None,
                     junit: PathLike | None = None, save_failing: PathLike | None = None,
                     min_top1_agreement: float | None = None,
-                    locate: LocateMode = "on_failure", trust: bool = False,
-                    allow_classes: Sequence[str] = (), force: bool = False,
+                    locate: LocateMode = "on_failure", image_size: int | None = None,
+                    mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                    trust: bool = False, allow_classes: Sequence[str] = (), force: bool = False,
                     allow_nonfinite: bool = False, allow_large_inputs: bool = False,
                     progress: Progress = _no_progress) -> FoldResult:
     """Fold WS into plain weights; with ``onnx``, export and gate on parity (``wsconvert fold``).
@@ -492,7 +495,7 @@ def fold_and_export(checkpoint: PathLike, output: PathLike | None = None, *,
             raise UsageError(f"{', '.join(unused)} need the parity check (`onnx` without "
                              "`check=False`)")
         plan = (plan_gate(outputs, seeds, batch_sizes, inputs, atol, rtol, report, junit,
-                          save_failing, min_top1_agreement, locate)
+                          save_failing, min_top1_agreement, locate, image_size, mean, std)
                 if onnx_path is not None and check else None)
         shapes = parse_shapes(input_shape or [])
         check_input_size(shapes, allow_large=allow_large_inputs)

@@ -129,3 +129,39 @@ def test_fold_check_bad_input(cli: Cli, ws_ckpt: Path) -> None:
                                "--input-shape", "1,5,8,8", "--force", cwd=cwd), 2, "does not fit")
     assert not (cwd / "x.onnx").exists()
     assert not [p for p in cwd.iterdir() if p.name.startswith(".")]
+
+
+def test_gate_on_an_image_folder(cli: Cli, ws_ckpt: Path) -> None:
+    """``--inputs DIR`` reads images as ``apply --calib-data`` does, in batches of the exported
+    batch (static) or of the largest batch checked (dynamic)."""
+    import numpy as np
+    from PIL import Image
+
+    cwd = ws_ckpt.parent
+    (cwd / "imgs").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(
+            cwd / "imgs" / f"{i}.png")
+    proc = cli.run("fold", ws_ckpt, "-m", "wsnets:build", "--onnx", "net.onnx", "--input-shape",
+                   "1,3,16,16", "--dynamic-batch", "--inputs", "imgs", "--image-size", "16",
+                   "--json", cwd=cwd)
+    assert proc.returncode == 0, proc.stderr
+    parity = json.loads(proc.stdout)["parity"]
+    assert parity["passed"] is True
+    assert {c["input_set"] for c in parity["comparisons"]} == {"imgs[0:4]", "imgs[4:5]"}
+
+    proc = cli.run("check", "net.onnx", "--against", ws_ckpt, "-m", "wsnets:build", "--inputs",
+                   "imgs", "--image-size", "16", "--mean", "0.5,0.5,0.5", "--std", "0.25,0.25,0.25",
+                   "--batch-sizes", "2", "--json", cwd=cwd)
+    assert proc.returncode == 0, proc.stderr
+    assert {c["input_set"] for c in json.loads(proc.stdout)["parity"]["comparisons"]} == {
+        "imgs[0:2]", "imgs[2:4]", "imgs[4:5]"}
+    # Image options without a folder, a bad mean, mixed sizes without --image-size: exit 2.
+    cli.assert_bad(["check", "net.onnx", "--against", ws_ckpt, "-m", "wsnets:build",
+                    "--image-size", "16"], "--image-size", cwd=cwd)
+    cli.assert_bad(["check", "net.onnx", "--against", ws_ckpt, "-m", "wsnets:build", "--inputs",
+                    "imgs", "--image-size", "16", "--mean", "0.5,x"], "--mean", cwd=cwd)
+    Image.fromarray(np.zeros((30, 30, 3), dtype=np.uint8)).save(cwd / "imgs" / "5.png")
+    cli.assert_bad(["check", "net.onnx", "--against", ws_ckpt, "-m", "wsnets:build", "--inputs",
+                    "imgs"], "imgs", cwd=cwd)

@@ -62,7 +62,9 @@ BatchSizesOpt = Annotated[str | None, typer.Option(
     help="Batch sizes to check when the batch is dynamic [default: "
          f"{','.join(map(str, defaults.GATE_BATCH_SIZES))}].", show_default=False)]
 InputsOpt = Annotated[Path | None, typer.Option(
-    "--inputs", help="Real samples (.pt / .npz) instead of random inputs.", show_default=False)]
+    "--inputs", help="Real samples instead of random inputs: a tensor file (.pt / .npy / .npz) "
+    "or a folder of images (.png / .jpg / .jpeg; see --image-size, --mean, --std).",
+    show_default=False)]
 AtolOpt = Annotated[float, typer.Option("--atol", help="Absolute tolerance.")]
 RtolOpt = Annotated[float, typer.Option("--rtol", help="Relative tolerance.")]
 ReportOpt = Annotated[Path | None, typer.Option(
@@ -212,3 +214,26 @@ def _error_line(message: str) -> None:
 
 def escape(text: object) -> str:
     return rich_escape(str(text))
+
+
+ImageSizeOpt = Annotated[int | None, typer.Option(
+    "--image-size", metavar="PX", help="Resize images of a folder input to cover PX x PX and crop "
+    "the centre [default: images must share one size].", show_default=False)]
+MeanOpt = Annotated[str | None, typer.Option(
+    "--mean", metavar="R,G,B", help="Per-channel mean for images of a folder input, in [0, 1] "
+    "[default: ImageNet's 0.485,0.456,0.406].", show_default=False)]
+StdOpt = Annotated[str | None, typer.Option(
+    "--std", metavar="R,G,B", help="Per-channel std for images of a folder input "
+    "[default: ImageNet's 0.229,0.224,0.225].", show_default=False)]
+
+
+def floats(text: str | None, flag: str) -> list[float] | None:
+    """``"0.5,0.5,0.5"`` to floats (``None`` stays ``None``); a malformed list names ``flag``."""
+    if text is None:
+        return None
+    from wsconvert.errors import UsageError
+
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise UsageError(f"{flag} wants comma-separated numbers, got {text!r}") from None

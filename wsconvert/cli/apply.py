@@ -16,16 +16,19 @@ from wsconvert.cli._common import (
     AllowNonfiniteOpt,
     CheckpointArg,
     ForceOpt,
+    ImageSizeOpt,
     JsonOpt,
+    MeanOpt,
     ModelKwargsOpt,
     ModelOpt,
     Output,
+    StdOpt,
     TrustOpt,
     escape,
+    floats,
     guarded,
 )
 from wsconvert.cli._render import drift_lines, layer_table, norm_table, translated
-from wsconvert.errors import UsageError
 
 if TYPE_CHECKING:
     from wsconvert.recovery import RecoveryProgress
@@ -87,15 +90,6 @@ class _RecoveryView:
         if event.detail:
             info = f"{info}  {escape(event.detail)}" if info else escape(event.detail)
         self.bar.update(task, completed=event.done, total=event.total, info=info)
-
-
-def _floats(text: str | None, name: str) -> list[float] | None:
-    if text is None:
-        return None
-    try:
-        return [float(v) for v in text.split(",")]
-    except ValueError:
-        raise UsageError(f"--{name} wants comma-separated numbers, got {text!r}") from None
 
 
 def recovery_lines(rec: dict[str, Any]) -> list[Any]:
@@ -188,15 +182,9 @@ def apply_cmd(
         f"{defaults.RECOVER_HOLDOUT:g}].", show_default=False)] = None,
     recover_seed: Annotated[int, typer.Option(
         metavar="N", help="Seed of the held-out split and the batch order.")] = 0,
-    image_size: Annotated[int | None, typer.Option(
-        metavar="PX", help="Resize --calib-data images to cover PX x PX and crop the centre "
-        "[default: images must share one size].", show_default=False)] = None,
-    mean: Annotated[str | None, typer.Option(
-        metavar="R,G,B", help="Per-channel mean for --calib-data images in [0, 1] "
-        "[default: ImageNet's 0.485,0.456,0.406].", show_default=False)] = None,
-    std: Annotated[str | None, typer.Option(
-        metavar="R,G,B", help="Per-channel std for --calib-data images "
-        "[default: ImageNet's 0.229,0.224,0.225].", show_default=False)] = None,
+    image_size: ImageSizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
     trust: TrustOpt = False,
     allow_class: AllowClassOpt = None,
     force: ForceOpt = False,
@@ -227,7 +215,7 @@ def apply_cmd(
         allow_large_inputs=allow_large_inputs, calib_data=calib_data,
         recover_steps=recover_steps, recover_batch_size=recover_batch_size,
         recover_lr=recover_lr, recover_holdout=recover_holdout, recover_seed=recover_seed,
-        image_size=image_size, mean=_floats(mean, "mean"), std=_floats(std, "std"),
+        image_size=image_size, mean=floats(mean, "--mean"), std=floats(std, "--std"),
         recover_progress=view.update, should_stop=view.should_stop, progress=progress)
     for note in result.loaded.notes:
         out.warn(note)

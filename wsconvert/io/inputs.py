@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from wsconvert.defaults import EXPORT_SPATIAL
 from wsconvert.errors import CheckpointError, InputsError, UsageError
+from wsconvert.io.images import IMAGENET_MEAN, IMAGENET_STD, load_image_folder
 from wsconvert.io.safe import check_file, read_checkpoint
 
 __all__ = [
@@ -200,3 +201,25 @@ def sample_tensors(path: str | os.PathLike[str], *, name: str = "inputs") -> tup
     if len({t.shape[0] for t in tensors}) != 1:
         raise InputsError(f"`{name}` {p}: inputs disagree on the number of samples")
     return tensors
+
+
+def image_sets(folder: str | os.PathLike[str], batch: int, *,
+               image_size: int | Sequence[int] | None = None,
+               mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+               name: str = "inputs") -> list[InputSet]:
+    """A folder of images (read as ``apply``'s ``calib_data``: see
+    :func:`wsconvert.io.images.load_image_folder`) as input sets of ``batch`` images each (the
+    last one may be smaller), named ``FOLDER[start:stop]``.
+
+    Raises:
+        UsageError: no images, unreadable or mixed-size images without ``image_size``, bad
+            ``mean`` / ``std``, or ``batch`` < 1.
+    """
+    if batch < 1:
+        raise UsageError(f"`{name}`: the batch of an image folder must be >= 1, got {batch}")
+    p = Path(folder)
+    images = load_image_folder(p, image_size=image_size,
+                               mean=IMAGENET_MEAN if mean is None else mean,
+                               std=IMAGENET_STD if std is None else std)
+    return [InputSet(f"{p.name}[{i}:{min(i + batch, len(images))}]", (images[i:i + batch],))
+            for i in range(0, len(images), batch)]
