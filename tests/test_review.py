@@ -113,3 +113,25 @@ def test_infinite_atol_through_the_cli(cli: Any, tmp_path: Path) -> None:
     proc = cli.run("check", tmp_path / "m.onnx", "--against", tmp_path / "m.ws.pt",
                    "--atol", "inf", in_process=True)
     cli.one_line_error(proc, 2, "--atol")
+
+
+def test_demo_failing_late_keeps_every_earlier_file(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure at the fold (after the baseline, apply and fine-tune stages wrote their files)
+    leaves the files of an earlier run untouched and no staging directory behind."""
+    from wsconvert import demo
+    from wsconvert.errors import ConversionError
+
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in demo.FILES:
+        (out / name).write_bytes(b"earlier run " + name.encode())
+    before = {p.name: (p.read_bytes(), p.stat().st_ino) for p in out.iterdir()}
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        raise ConversionError("injected failure at the fold")
+
+    monkeypatch.setattr(demo, "fold_and_export", failing)
+    with pytest.raises(ConversionError, match="injected"):
+        demo.run_demo(demo.DemoConfig.quick(out, force=True))
+    assert {p.name: (p.read_bytes(), p.stat().st_ino) for p in out.iterdir()} == before
