@@ -135,3 +135,24 @@ def test_demo_failing_late_keeps_every_earlier_file(tmp_path: Path,
     with pytest.raises(ConversionError, match="injected"):
         demo.run_demo(demo.DemoConfig.quick(out, force=True))
     assert {p.name: (p.read_bytes(), p.stat().st_ino) for p in out.iterdir()} == before
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--threads", "100000000000"], "threads"),
+    (["--threads", "1025"], "threads"),
+    (["--batch-sizes", "100000000000000000"], "--batch-sizes"),
+    (["--batch-sizes", "1", "--input-shape", "3,100000,100000"], "limit"),
+])
+def test_bench_huge_values_are_bad_input(cli: Any, args: list[str], needle: str) -> None:
+    cli.one_line_error(cli.run("bench", *args, in_process=True), 2, needle)
+
+
+def test_bench_limits_edges() -> None:
+    from wsconvert.bench import MAX_THREADS, BenchConfig
+    from wsconvert.errors import UsageError
+    from wsconvert.io.inputs import MAX_INPUT_ELEMENTS
+
+    BenchConfig(threads=MAX_THREADS).validate()
+    BenchConfig(batch_sizes=(MAX_INPUT_ELEMENTS // 3,), input_shape=(3, 1, 1)).validate()
+    with pytest.raises(UsageError):
+        BenchConfig(batch_sizes=(MAX_INPUT_ELEMENTS // 3 + 1,), input_shape=(3, 1, 1)).validate()
