@@ -164,6 +164,10 @@ def _ddp_worker(rank: int, world: int, store: str, out: str, use_accumulate: boo
             opt.step()
         if rank == 0:
             torch.save(model.module.state_dict(), out)
+        # Leave together: a rank tearing down its gloo pairs while the other still uses them
+        # (rank 0 saving) can abort the process at exit ("terminate called without an active
+        # exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

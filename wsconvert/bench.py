@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from wsconvert.conventions import CONVENTIONS, get_convention
 from wsconvert.errors import UsageError
+from wsconvert.io.inputs import MAX_INPUT_ELEMENTS
 
 __all__ = [
     "OPTIMIZERS",
@@ -55,6 +56,9 @@ REFERENCE_FORMS = ("seed", "timm-bn")
 OPTIMIZERS = ("sgd", "sgd-momentum", "adamw")
 MODES = ("train", "eval")
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+MAX_THREADS = 1024
+"""Most threads a benchmark may ask for (torch takes a 32-bit count; beyond a machine's cores
+more threads only measure oversubscription)."""
 
 
 def reference_net(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
@@ -89,7 +93,8 @@ class BenchConfig:
         references: reference formulations to time (``seed``, ``timm-bn``).
         rounds: measured rounds (one step of every form per round).
         warmup: unmeasured steps of every form before the rounds.
-        threads: ``torch.set_num_threads`` for the run (restored after); ``None`` leaves it.
+        threads: ``torch.set_num_threads`` for the run (restored after; at most
+            :data:`MAX_THREADS`); ``None`` leaves it.
         num_classes: output size, for the cross-entropy targets.
         seed: random seed of weights and data.
         clock: ``wall`` (``time.perf_counter``, the default) or ``cpu`` (``time.process_time``,
@@ -127,8 +132,12 @@ class BenchConfig:
             raise UsageError(f"accumulate must be >= 1, got {self.accumulate}")
         if self.rounds < 1 or self.warmup < 0:
             raise UsageError("rounds must be >= 1 and warmup >= 0")
-        if self.threads is not None and self.threads < 1:
-            raise UsageError(f"threads must be >= 1, got {self.threads}")
+        if self.threads is not None and not 1 <= self.threads <= MAX_THREADS:
+            raise UsageError(f"threads must be between 1 and {MAX_THREADS}, got {self.threads}")
+        elements = max(self.batch_sizes) * math.prod(self.input_shape)
+        if elements > MAX_INPUT_ELEMENTS:
+            raise UsageError(f"`batch_sizes` x `input_shape`: a batch of {elements:,} elements "
+                             f"is above the limit of {MAX_INPUT_ELEMENTS:,}")
         if self.clock not in CLOCKS:
             raise UsageError(f"unknown clock {self.clock!r}; choose from: {', '.join(CLOCKS)}")
         if self.optimizer not in OPTIMIZERS:

@@ -12,7 +12,9 @@ with onnxruntime. Every file goes into one directory. Apply and fold-export-pari
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -108,6 +110,10 @@ def run_demo(config: DemoConfig,
     result = DemoResult(out)
     threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
+    # The files of the stages before the fold are staged here and moved into place only after
+    # the fold and export (which commit their own files all or nothing) succeeded: an error or
+    # an interrupt at any stage leaves an earlier run's files as they were.
+    staging = Path(tempfile.mkdtemp(prefix=".wsconvert-demo-", dir=out))
     try:
         x, y = make_dataset(config.train_samples, seed=1000 + config.seed, noise=config.noise)
         xt, yt = make_dataset(config.test_samples, seed=2000 + config.seed, noise=config.noise)
@@ -120,7 +126,7 @@ def run_demo(config: DemoConfig,
             result.seconds[name] = round(time.perf_counter() - t0, 2)
             notify(name, "done")
 
-        pretrained_path = out / "tinynet.pt"
+        pretrained_path = staging / "tinynet.pt"
         shutil.copyfile(EXAMPLE_CHECKPOINT, pretrained_path)
 
         with stage("baseline"):
@@ -130,8 +136,8 @@ def run_demo(config: DemoConfig,
             fine_tune(model, x, y, batch=32, lr=0.05, epochs=config.baseline_epochs,
                       seed=config.seed)
             result.accuracy["bn_baseline_b32"] = accuracy(model, xt, yt)
-            result.files["baseline"] = save_state_dict(model.state_dict(), out / "baseline.pt",
-                                                       force=True)
+            result.files["baseline"] = save_state_dict(model.state_dict(),
+                                                       staging / "baseline.pt", force=True)
 
         with stage("apply"):
             # Step-0 accuracy of the plain conversion, then the same conversion recovered on
@@ -139,8 +145,9 @@ def run_demo(config: DemoConfig,
             plain = swap_norm(apply_ws(load_model(result.files["baseline"], EXAMPLE_FACTORY)
                                        .model, init="exact").model, config.groups).model
             result.accuracy["converted"] = accuracy(plain, xt, yt)
-            calib = save_state_dict((x[:config.recover_samples],), out / "calib.pt", force=True)
-            converted = convert(result.files["baseline"], out / "baseline.ws.pt",
+            calib = save_state_dict((x[:config.recover_samples],), staging / "calib.pt",
+                                    force=True)
+            converted = convert(result.files["baseline"], staging / "baseline.ws.pt",
                                 model=EXAMPLE_FACTORY, init="exact", norm="gn",
                                 groups=config.groups, drift=False, force=True,
                                 calib_data=calib, recover_steps=config.recover_steps,
@@ -159,7 +166,7 @@ def run_demo(config: DemoConfig,
             fine_tune(model, x, y, batch=2, lr=0.0125, epochs=config.finetune_epochs,
                       seed=config.seed)
             result.accuracy["ws_gn_b2"] = accuracy(model, xt, yt)
-            result.files["tuned"] = save(model, out / "tuned.ws.pt", force=True)
+            result.files["tuned"] = save(model, staging / "tuned.ws.pt", force=True)
 
         # From the saved file, as a user's later `wsconvert fold --onnx` would. The pipeline's
         # stages map onto the demo's: load + fold, export, gate + the commit of every file.
@@ -195,6 +202,11 @@ def run_demo(config: DemoConfig,
         result.parity = folded.parity
         result.files["parity_json"] = out / "parity.json"
         result.files["parity_junit"] = out / "parity.xml"
+        for name in ("tinynet.pt", "baseline.pt", "calib.pt", "baseline.ws.pt", "tuned.ws.pt"):
+            os.replace(staging / name, out / name)
+        result.files.update(baseline=out / "baseline.pt", calib=out / "calib.pt",
+                            ws=out / "baseline.ws.pt", tuned=out / "tuned.ws.pt")
     finally:
+        shutil.rmtree(staging, ignore_errors=True)
         torch.set_num_threads(threads)
     return result

@@ -393,6 +393,18 @@ def restore_group_norm(model: nn.Module, layers: Mapping[str, Mapping[str, Any]]
         if norm is None or not _is_batchnorm(norm):
             raise ConversionError(f"recorded GroupNorm swap {name!r} is not a BatchNorm of "
                                   f"{type(model).__name__}")
-        gn = group_norm_from(norm, int(spec["groups"]))
-        gn.eps = float(spec.get("eps", gn.eps))
+        groups, eps = spec.get("groups"), spec.get("eps", getattr(norm, "eps", 1e-5))
+        channels = _channels(norm)
+        # The record holds the groups actually used: a value that is not one of the channel
+        # count's divisors (or an eps that is not a finite number >= 0) would build another model.
+        if (isinstance(groups, bool) or not isinstance(groups, int) or groups < 1
+                or channels % groups):
+            raise ConversionError(f"recorded GroupNorm swap {name!r}: groups {groups!r} is not "
+                                  f"a divisor of its {channels} channels")
+        if (isinstance(eps, bool) or not isinstance(eps, int | float)
+                or not 0 <= eps < float("inf")):
+            raise ConversionError(f"recorded GroupNorm swap {name!r}: eps {eps!r} is not a "
+                                  "finite number >= 0")
+        gn = group_norm_from(norm, groups)
+        gn.eps = float(eps)
         model.set_submodule(name, gn)

@@ -5,6 +5,7 @@ Torch-free, so a caller can check everything before any model is loaded.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from wsconvert.errors import UsageError
@@ -14,12 +15,13 @@ __all__ = ["check_gate_options", "parse_batch_sizes"]
 
 def check_gate_options(seeds: int, atol: float, rtol: float) -> None:
     """Raises:
-        UsageError: ``seeds`` below 1, or a negative (or NaN) tolerance.
+        UsageError: ``seeds`` below 1, or a tolerance that is negative, NaN or infinite (an
+            infinite one would pass every finite output: no gate at all).
     """
     if seeds < 1:
         raise UsageError("`seeds` must be at least 1")
-    if not (atol >= 0 and rtol >= 0):
-        raise UsageError("`atol` and `rtol` must be >= 0")
+    if not (atol >= 0 and rtol >= 0 and math.isfinite(atol) and math.isfinite(rtol)):
+        raise UsageError("`atol` and `rtol` must be finite numbers >= 0")
 
 
 def parse_batch_sizes(value: str | Sequence[int] | None) -> list[int] | None:

@@ -28,7 +28,13 @@ import torch
 from torch import nn
 
 from wsconvert import __version__
-from wsconvert.errors import CheckpointError, UntrustedCheckpointError, UsageError
+from wsconvert.errors import (
+    CheckpointError,
+    ConversionError,
+    ModelSpecError,
+    UntrustedCheckpointError,
+    UsageError,
+)
 from wsconvert.io.arch import arch_of, set_arch
 from wsconvert.io.atomic import atomic_output, save_bytes
 from wsconvert.io.safe import read_checkpoint
@@ -191,6 +197,33 @@ def _upgrade(arch: dict[str, Any]) -> dict[str, Any]:
     return arch
 
 
+def _check_shapes(arch: Mapping[str, Any], configs: Mapping[str, Any], state: Any,
+                  path: Path) -> None:
+    """Refuse records whose parts have the wrong type (an edited or corrupted file).
+
+    Raises:
+        CheckpointError: naming the part.
+    """
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{path}: wsconvert checkpoint is malformed: {what}")
+
+    if not isinstance(arch.get("kwargs") or {}, Mapping):
+        raise bad("the factory's kwargs are not a mapping")
+    transforms = arch.get("transforms") or []
+    if not isinstance(transforms, list) or not all(isinstance(t, Mapping) for t in transforms):
+        raise bad("the architecture transforms are not a list of records")
+    for t in transforms:
+        layers = t.get("layers") or {}
+        if not isinstance(layers, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, Mapping) for k, v in layers.items()):
+            raise bad(f"transform {t.get('transform')!r} does not map layer names to records")
+    if not all(isinstance(k, str) and isinstance(v, Mapping) for k, v in configs.items()):
+        raise bad("the WS layer records do not map layer names to records")
+    if not isinstance(state, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise bad("the state dict does not map names to tensors")
+
+
 def _build(arch: Mapping[str, Any], path: Path) -> nn.Module:
     net = build_model(str(arch["factory"]), arch.get("kwargs") or {})
     for record in arch.get("transforms") or []:
@@ -206,9 +239,12 @@ def _load_ws(obj: Mapping[str, Any], path: Path, model: str | None = None,
              model_kwargs: Mapping[str, Any] | str | None = None, *,
              trust: bool = False) -> LoadedModel:
     version = obj.get(WS_FORMAT_KEY)
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
         raise CheckpointError(f"{path}: wsconvert format {version!r} is newer than this "
                               f"wsconvert understands ({FORMAT_VERSION})")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise CheckpointError(f"{path}: wsconvert format {version!r} is not a format this "
+                              f"wsconvert knows (1 to {FORMAT_VERSION})")
     try:
         arch = dict(obj["arch"])
         configs = dict(obj["ws_layers"])
@@ -216,10 +252,18 @@ def _load_ws(obj: Mapping[str, Any], path: Path, model: str | None = None,
     except (KeyError, TypeError, ValueError):
         raise CheckpointError(f"{path}: wsconvert checkpoint is incomplete") from None
     arch = _upgrade(arch)  # a format-1 record, in whatever file it comes
+    _check_shapes(arch, configs, state, path)
     if arch.get("kind") == "factory":
         _consent(arch, path, model, model_kwargs, trust)
-        net = _build(arch, path)
-        restore_ws(net, configs)
+        try:
+            net = _build(arch, path)
+            restore_ws(net, configs)
+        except (UsageError, ModelSpecError, ConversionError) as exc:
+            # Values read from the file, not arguments: no flag to blame (backticks would make
+            # the CLI name one the user never passed).
+            detail = str(exc).replace("`", "")
+            raise CheckpointError(f"{path}: its recorded architecture cannot be rebuilt: "
+                                  f"{detail}") from None
         load_state_dict_strict(net, state, str(path))
     elif arch.get("kind") == "pickle" and isinstance(obj.get("module"), nn.Module):
         if model is not None:
