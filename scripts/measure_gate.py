@@ -144,10 +144,12 @@ def main() -> None:
         spec, kwargs = MODELS[name]
         cmds = {
             "bare": [sys.executable, "-c", BARE, str(folded), spec, kwargs, "bare.onnx"],
-            "fold": [exe, "fold", str(ws), "--onnx", "out.onnx", "--dynamic-batch", "--force"],
-            "no-check": [exe, "fold", str(ws), "--onnx", "out.onnx", "--dynamic-batch",
-                         "--force", "--no-check"],
-            "locate": [exe, "fold", str(ws), "--onnx", "out.onnx", "--dynamic-batch",
+            # -m SPEC: consent to rebuild the factory the WS file records.
+            "fold": [exe, "fold", str(ws), "-m", spec, "--onnx", "out.onnx", "--dynamic-batch",
+                     "--force"],
+            "no-check": [exe, "fold", str(ws), "-m", spec, "--onnx", "out.onnx",
+                         "--dynamic-batch", "--force", "--no-check"],
+            "locate": [exe, "fold", str(ws), "-m", spec, "--onnx", "out.onnx", "--dynamic-batch",
                        "--force", "--locate"],
             "fold-base": [str(args.baseline_exe), "fold", str(ws), "--onnx", "out.onnx",
                           "--dynamic-batch", "--force", "--trust"],
