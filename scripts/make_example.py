@@ -38,7 +38,8 @@ def main() -> None:
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     EXAMPLE_CHECKPOINT.write_bytes(buf.getvalue())
-    print(f"wrote {EXAMPLE_CHECKPOINT} ({len(buf.getvalue()) // 1024} KiB), test accuracy {acc:.3f}")
+    size = len(buf.getvalue()) // 1024
+    print(f"wrote {EXAMPLE_CHECKPOINT} ({size} KiB), test accuracy {acc:.3f}")
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ def main() -> None:
 
     folded = fold_ws(ws).model
     worst_fold, worst_direct, n = 0.0, 0.0, 0
-    for (name, module, p), (_, fm) in zip(ws_layers(ws), ((k, m) for k, m in
+    for (_name, module, p), (_, fm) in zip(ws_layers(ws), ((k, m) for k, m in
                                           folded.named_modules() if k in
                                           {nm for nm, _, _ in ws_layers(ws)}), strict=True):
         exact = p.double().reference(trainable_weight(module).detach().double())
