@@ -10,7 +10,7 @@ from PIL import Image
 
 from wsconvert.errors import UsageError
 from wsconvert.io.images import IMAGENET_MEAN, IMAGENET_STD, image_files, load_image_folder
-from wsconvert.recovery import load_samples
+from wsconvert.io.inputs import load_samples
 
 
 def _png(path: Path, size: tuple[int, int], colour: tuple[int, int, int],

@@ -14,6 +14,7 @@ from torch import nn
 from wsconvert.conventions import CONVENTIONS
 from wsconvert.drift import calibrate_bn
 from wsconvert.errors import UsageError, WsconvertError
+from wsconvert.io.inputs import load_samples
 from wsconvert.norms import swap_norm
 from wsconvert.recovery import (
     MIN_FIT,
@@ -21,7 +22,6 @@ from wsconvert.recovery import (
     RecoveryInterrupted,
     RecoveryProgress,
     fit_norms,
-    load_samples,
     measure,
     recover,
 )

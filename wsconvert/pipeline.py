@@ -50,7 +50,7 @@ from wsconvert.io.atomic import (
     save_bytes,
     save_weights,
 )
-from wsconvert.io.inputs import check_input_size, infer_input_shape, parse_shapes
+from wsconvert.io.inputs import check_input_size, infer_input_shape, load_samples, parse_shapes
 from wsconvert.io.safe import check_file
 from wsconvert.io.state import load_weights_into
 from wsconvert.io.wsfile import LoadedModel, check_finite, load_model, ws_payload
@@ -61,7 +61,6 @@ from wsconvert.recovery import (
     RecoveryProgress,
     RecoveryReport,
     check_options,
-    load_samples,
     recover,
 )
 from wsconvert.surgery import ApplyReport, apply_ws
@@ -223,7 +222,7 @@ def convert(checkpoint: PathLike, output: PathLike | None = None, *, model: str 
     :func:`~wsconvert.drift.check_drift` on probes of ``input_shape`` / ``inputs``; an inferred
     probe shape the model rejects only skips the check), ``recover`` (with ``calib_data``:
     :func:`~wsconvert.recovery.recover` on the samples read by
-    :func:`~wsconvert.recovery.load_samples`; ``recover_*`` are its ``steps``, ``batch_size``,
+    :func:`~wsconvert.io.inputs.load_samples`; ``recover_*`` are its ``steps``, ``batch_size``,
     ``lr``, ``holdout`` and ``seed``, ``recover_progress`` / ``should_stop`` its ``progress`` /
     ``should_stop``), ``save``. A stopped recovery writes nothing.
 

@@ -40,11 +40,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -53,6 +51,7 @@ from torch import Tensor, nn
 
 from wsconvert.defaults import RECOVER_BATCH_SIZE, RECOVER_HOLDOUT, RECOVER_LR, RECOVER_STEPS
 from wsconvert.errors import ConversionError, UsageError, WsconvertError
+from wsconvert.io.inputs import as_samples
 from wsconvert.probes import EvalModes, cast_like, reference_tensor, tensors_in
 
 __all__ = [
@@ -70,11 +69,9 @@ __all__ = [
     "RecoveryProgress",
     "RecoveryReport",
     "StageResult",
-    "as_samples",
     "check_options",
     "check_samples",
     "fit_norms",
-    "load_samples",
     "measure",
     "measure_inits",
     "recover",
@@ -236,59 +233,6 @@ class RecoveryReport:
 
 
 # ---------------------------------------------------------------------------- samples
-
-
-def as_samples(data: Tensor | Sequence[Tensor], name: str = "data") -> tuple[Tensor, ...]:
-    """``data`` as a tuple of positional inputs sharing the first (sample) dimension.
-
-    Raises:
-        UsageError: no tensor, a tensor without a sample dimension, non-floating or non-finite
-            values, or inputs that disagree on the sample count.
-    """
-    items = (data,) if isinstance(data, Tensor) else tuple(data)
-    if not items or not all(isinstance(t, Tensor) for t in items):
-        raise UsageError(f"{name}: expected a tensor or a sequence of tensors")
-    for t in items:
-        if t.dim() < 2:
-            raise UsageError(f"{name}: samples need shape [N, C, ...], got {list(t.shape)}")
-        if not t.is_floating_point():
-            raise UsageError(f"{name}: samples must be floating point (normalized), got {t.dtype}")
-        if not bool(torch.isfinite(t).all()):
-            raise UsageError(f"{name}: holds NaN or inf values")
-    if len({t.shape[0] for t in items}) != 1:
-        raise UsageError(f"{name}: inputs disagree on the number of samples")
-    return tuple(t.detach() for t in items)
-
-
-def load_samples(path: str | os.PathLike[str], *, image_size: int | Sequence[int] | None = None,
-                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 name: str = "data") -> tuple[Tensor, ...]:
-    """Recovery samples from disk: a folder of images, or a tensor file, never unpickled.
-
-    A folder goes through :func:`wsconvert.io.images.load_image_folder` (``image_size``, ``mean``,
-    ``std``; ImageNet statistics by default). A file is ``.pt`` / ``.npy`` / ``.npz`` read by
-    :func:`wsconvert.io.inputs.sample_tensors` (``[N, C, ...]`` tensors, one per positional
-    input); ``image_size`` / ``mean`` / ``std`` do not apply to it.
-
-    Raises:
-        UsageError: naming the file (and ``name``, the parameter it came as): missing,
-            unreadable, no tensors, not ``[N, C, ...]`` floating-point finite samples, or image
-            options given for a tensor file.
-    """
-    p = Path(path)
-    if p.is_dir():
-        from wsconvert.io.images import IMAGENET_MEAN, IMAGENET_STD, load_image_folder
-
-        images = load_image_folder(p, image_size=image_size,
-                                   mean=IMAGENET_MEAN if mean is None else mean,
-                                   std=IMAGENET_STD if std is None else std)
-        return as_samples(images, str(p))
-    if image_size is not None or mean is not None or std is not None:
-        raise UsageError(f"{p}: `image_size`, `mean` and `std` apply to a folder of images, "
-                         "not to a tensor file")
-    from wsconvert.io.inputs import sample_tensors
-
-    return as_samples(sample_tensors(p, name=name), str(p))
 
 
 def _first_conv(model: nn.Module) -> nn.Module | None:

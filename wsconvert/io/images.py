@@ -82,14 +82,15 @@ def _stats(values: Sequence[float], name: str, positive: bool) -> Tensor:
 
 def load_image_folder(folder: str | os.PathLike[str], *,
                       image_size: int | Sequence[int] | None = None,
-                      mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                      mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                       limit: int | None = None) -> Tensor:
     """Every image under ``folder`` as a normalized ``[N, 3, H, W]`` float32 tensor.
 
     Args:
         folder: the folder (read recursively, see the module docs).
         image_size: resize to cover and centre-crop to this size (``int``: square).
-        mean, std: per-channel normalization, RGB order, for pixels scaled to ``[0, 1]``.
+        mean, std: per-channel normalization, RGB order, for pixels scaled to ``[0, 1]``
+            (``None``: ImageNet's :data:`IMAGENET_MEAN` / :data:`IMAGENET_STD`).
         limit: read at most this many images (the first in sorted order).
 
     Raises:
@@ -100,7 +101,8 @@ def load_image_folder(folder: str | os.PathLike[str], *,
     from PIL import Image, UnidentifiedImageError
 
     size = _size(image_size)
-    m, s = _stats(mean, "mean", False), _stats(std, "std", True)
+    m = _stats(IMAGENET_MEAN if mean is None else mean, "mean", False)
+    s = _stats(IMAGENET_STD if std is None else std, "std", True)
     if limit is not None and limit < 1:
         raise UsageError(f"`limit` must be >= 1, got {limit}")
     files = image_files(folder)[:limit]

@@ -28,15 +28,18 @@ from torch import Tensor, nn
 
 from wsconvert.defaults import EXPORT_SPATIAL
 from wsconvert.errors import CheckpointError, InputsError, UsageError
-from wsconvert.io.images import IMAGENET_MEAN, IMAGENET_STD, load_image_folder
+from wsconvert.io.images import load_image_folder
 from wsconvert.io.safe import check_file, read_checkpoint
 
 __all__ = [
     "MAX_INPUT_ELEMENTS",
     "InputSet",
+    "as_samples",
     "check_input_size",
+    "image_sets",
     "infer_input_shape",
     "load_inputs",
+    "load_samples",
     "parse_shape",
     "parse_shapes",
     "sample_tensors",
@@ -218,8 +221,53 @@ def image_sets(folder: str | os.PathLike[str], batch: int, *,
     if batch < 1:
         raise UsageError(f"`{name}`: the batch of an image folder must be >= 1, got {batch}")
     p = Path(folder)
-    images = load_image_folder(p, image_size=image_size,
-                               mean=IMAGENET_MEAN if mean is None else mean,
-                               std=IMAGENET_STD if std is None else std)
+    images = load_image_folder(p, image_size=image_size, mean=mean, std=std)
     return [InputSet(f"{p.name}[{i}:{min(i + batch, len(images))}]", (images[i:i + batch],))
             for i in range(0, len(images), batch)]
+
+
+def as_samples(data: Tensor | Sequence[Tensor], name: str = "data") -> tuple[Tensor, ...]:
+    """``data`` as a tuple of positional inputs sharing the first (sample) dimension.
+
+    Raises:
+        UsageError: no tensor, a tensor without a sample dimension, non-floating or non-finite
+            values, or inputs that disagree on the sample count.
+    """
+    items = (data,) if isinstance(data, Tensor) else tuple(data)
+    if not items or not all(isinstance(t, Tensor) for t in items):
+        raise UsageError(f"{name}: expected a tensor or a sequence of tensors")
+    for t in items:
+        if t.dim() < 2:
+            raise UsageError(f"{name}: samples need shape [N, C, ...], got {list(t.shape)}")
+        if not t.is_floating_point():
+            raise UsageError(f"{name}: samples must be floating point (normalized), got {t.dtype}")
+        if not bool(torch.isfinite(t).all()):
+            raise UsageError(f"{name}: holds NaN or inf values")
+    if len({t.shape[0] for t in items}) != 1:
+        raise UsageError(f"{name}: inputs disagree on the number of samples")
+    return tuple(t.detach() for t in items)
+
+
+def load_samples(path: str | os.PathLike[str], *, image_size: int | Sequence[int] | None = None,
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                 name: str = "data") -> tuple[Tensor, ...]:
+    """Samples from disk (``apply``'s ``calib_data``): a folder of images, or a tensor file,
+    never unpickled.
+
+    A folder goes through :func:`wsconvert.io.images.load_image_folder` (``image_size``, ``mean``,
+    ``std``; ImageNet statistics by default). A file is ``.pt`` / ``.npy`` / ``.npz`` read by
+    :func:`wsconvert.io.inputs.sample_tensors` (``[N, C, ...]`` tensors, one per positional
+    input); ``image_size`` / ``mean`` / ``std`` do not apply to it.
+
+    Raises:
+        UsageError: naming the file (and ``name``, the parameter it came as): missing,
+            unreadable, no tensors, not ``[N, C, ...]`` floating-point finite samples, or image
+            options given for a tensor file.
+    """
+    p = Path(path)
+    if p.is_dir():
+        return as_samples(load_image_folder(p, image_size=image_size, mean=mean, std=std), str(p))
+    if image_size is not None or mean is not None or std is not None:
+        raise UsageError(f"{p}: `image_size`, `mean` and `std` apply to a folder of images, "
+                         "not to a tensor file")
+    return as_samples(sample_tensors(p, name=name), str(p))
