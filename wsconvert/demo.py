@@ -35,9 +35,10 @@ from wsconvert.surgery import apply_ws
 __all__ = ["FILES", "STAGES", "DemoConfig", "DemoResult", "check_outputs", "run_demo"]
 
 STAGES = ("baseline", "apply", "fine-tune", "fold", "export", "parity")
-FILES = ("tinynet.pt", "baseline.pt", "calib.pt", "baseline.ws.pt", "tuned.ws.pt",
-         "tuned.folded.pt", "tuned.onnx", "parity.json", "parity.xml")
-"""The files the demo writes in its directory."""
+_STAGED = ("tinynet.pt", "baseline.pt", "calib.pt", "baseline.ws.pt", "tuned.ws.pt")
+"""Written by the demo's own stages into a staging folder, moved into place at the end."""
+FILES = (*_STAGED, "tuned.folded.pt", "tuned.onnx", "parity.json", "parity.xml")
+"""The files the demo writes in its directory (the rest by ``fold_and_export``'s commit)."""
 
 
 @dataclass(frozen=True)
@@ -202,7 +203,7 @@ def run_demo(config: DemoConfig,
         result.parity = folded.parity
         result.files["parity_json"] = out / "parity.json"
         result.files["parity_junit"] = out / "parity.xml"
-        for name in ("tinynet.pt", "baseline.pt", "calib.pt", "baseline.ws.pt", "tuned.ws.pt"):
+        for name in _STAGED:
             os.replace(staging / name, out / name)
         result.files.update(baseline=out / "baseline.pt", calib=out / "calib.pt",
                             ws=out / "baseline.ws.pt", tuned=out / "tuned.ws.pt")
