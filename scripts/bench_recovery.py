@@ -88,6 +88,8 @@ def _kwargs(args: argparse.Namespace) -> dict[str, Any]:
             out[key] = value
     if args.mixup:
         out["mixup"] = True
+    if args.no_augment:
+        out["augment"] = False
     return out
 
 
@@ -161,6 +163,7 @@ def main() -> int:
     parser.add_argument("--features", type=float, default=None)
     parser.add_argument("--temperature", type=float, default=None)
     parser.add_argument("--mixup", action="store_true")
+    parser.add_argument("--no-augment", action="store_true", help="distill without flips/shifts")
     parser.add_argument("--resnet-samples", type=int, default=16)
     parser.add_argument("--resnet-steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)

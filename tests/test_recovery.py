@@ -17,6 +17,7 @@ from wsconvert.errors import UsageError, WsconvertError
 from wsconvert.io.inputs import load_samples
 from wsconvert.norms import swap_norm
 from wsconvert.recovery import (
+    DEFAULT_FEATURES,
     MIN_FIT,
     MIN_HOLDOUT,
     RecoveryInterrupted,
@@ -204,6 +205,80 @@ def test_mse_loss_for_non_classifier_outputs() -> None:
         recover(_convert(original), original, _data(32, 8), steps=1, loss="kl")
 
 
+def _crop_of(sample: torch.Tensor, out: torch.Tensor, pads: list[int]) -> bool:
+    """Whether ``out`` is a window of ``sample`` (or its flip along the last dimension),
+    reflect-padded by ``pads`` per spatial dimension: written independently of the library."""
+    import itertools
+
+    padding = [p for p in reversed(pads) for _ in (0, 1)]
+    for cand in (sample, sample.flip(-1)):
+        padded = torch.nn.functional.pad(cand[None], padding, mode="reflect")[0]
+        spatial = out.shape[1:]
+        for starts in itertools.product(*(range(2 * p + 1) for p in pads)):
+            window = padded[(slice(None), *(slice(a, a + n) for a, n in zip(starts, spatial,
+                                                                               strict=True)))]
+            if torch.equal(window, out):
+                return True
+    return False
+
+
+def test_augment_flips_and_shifts_within_an_eighth() -> None:
+    from wsconvert.recovery.distill import augment
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 3, 16, 24, generator=g)
+    second = x * 2 + 1  # a second input: the same flip and shift must apply to it
+    a, b = augment((x, second), torch.Generator().manual_seed(1))
+    assert a.shape == x.shape and b.shape == second.shape
+    torch.testing.assert_close(b, a * 2 + 1)
+    assert all(_crop_of(x[i], a[i], [2, 3]) for i in range(16))
+    # Not a window of a bigger shift: 1/8 of the size at most (16 // 8 = 2, 24 // 8 = 3).
+    assert not all(_crop_of(x[i], a[i], [0, 0]) for i in range(16))  # something moved
+    again = augment((x, second), torch.Generator().manual_seed(1))
+    torch.testing.assert_close(again[0], a)  # seeded
+
+
+def test_augment_on_small_and_1d_inputs() -> None:
+    from wsconvert.recovery.distill import augment
+
+    x = torch.randn(8, 2, 7, 7)  # under 8 pixels: no shift, a flip at most
+    out = augment((x,), torch.Generator().manual_seed(0))[0]
+    for i in range(8):
+        assert torch.equal(out[i], x[i]) or torch.equal(out[i], x[i].flip(-1))
+    sig = torch.randn(8, 2, 40)
+    out = augment((sig,), torch.Generator().manual_seed(0))[0]
+    assert all(_crop_of(sig[i], out[i], [5]) for i in range(8))
+
+
+def test_augment_applies_only_to_spatial_inputs() -> None:
+    from wsconvert.recovery.distill import can_augment
+
+    assert can_augment((torch.zeros(2, 3, 8, 8),))
+    assert can_augment((torch.zeros(2, 3, 8),))
+    assert can_augment((torch.zeros(2, 3, 4, 8, 8),))
+    assert not can_augment((torch.zeros(2, 3),))  # features, no spatial dimension
+    assert not can_augment((torch.zeros(2, 3, 8, 8), torch.zeros(2, 3, 4, 4)))  # different sizes
+    original = _net()
+    report = recover(_convert(original), original, _data(32, 3), steps=2)
+    assert report.augment
+    report = recover(_convert(original), original, _data(32, 3), steps=2, augment=False)
+    assert not report.augment
+    mlp = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    calibrate_bn(mlp, [(torch.randn(64, 6),)])
+    report = recover(copy.deepcopy(mlp), mlp, torch.randn(32, 6), steps=2, features=0.0)
+    assert not report.augment  # asked for by default, not applicable: reported off
+
+
+def test_augment_changes_what_distillation_sees() -> None:
+    original = _net()
+    runs = {}
+    for flag in (True, False):
+        converted = _convert(original)
+        recover(converted, original, _data(48, 4), steps=6, augment=flag, eval_every=100)
+        runs[flag] = converted.state_dict()
+    assert any(not torch.equal(runs[True][k], runs[False][k]) for k in runs[True])
+
+
 # ---------------------------------------------------------------------------- bad input
 
 
@@ -318,6 +393,20 @@ def test_cli_and_api_give_the_same_model(cli: Any, net_state: Path, calib: Path)
         torch.testing.assert_close(value, state[key], rtol=1e-5, atol=1e-6)
 
 
+def test_cli_augment_flag(cli: Any, net_state: Path, calib: Path) -> None:
+    import json
+
+    for flag, want in (("--recover-augment", True), ("--no-recover-augment", False)):
+        out = net_state.with_name(f"aug-{want}.ws.pt")
+        proc = cli.run("apply", net_state, "-m", "wsnets:build", "--norm", "gn", "--groups", "4",
+                       "--calib-data", calib, "--recover-steps", "2", flag, "-o", out,
+                       "--input-shape", "2,3,8,8", "--json", cwd=net_state.parent)
+        assert proc.returncode == 0, proc.stderr
+        rec = json.loads(proc.stdout)["recovery"]
+        assert rec["augment"] is want
+        assert rec["features"] == pytest.approx(DEFAULT_FEATURES)
+
+
 def test_cli_reads_an_image_folder(cli: Any, net_state: Path) -> None:
     import json
 
@@ -418,7 +507,7 @@ def _advice(norm: str, init: str) -> Any:
 
 
 def test_advice_suggests_only_an_init_measured_lower() -> None:
-    from wsconvert.recovery import measure_inits
+    from wsconvert.drift import measure_inits
 
     check = _advice("keep", "plain")  # exact keeps every conv: measured ~0 drift
     assert set(check.alternatives) == {"scale", "exact"}

@@ -31,7 +31,8 @@ _API: dict[str, tuple[str, ...]] = {
     "wsconvert.norms": ("swap_norm", "NormSwapReport"),
     "wsconvert.drift": ("measure_drift", "check_drift", "DriftReport"),
     "wsconvert.calibration": ("calibrate_bn",),
-    "wsconvert.recovery": ("recover", "RecoveryReport"),
+    "wsconvert.recovery": ("recover",),
+    "wsconvert.recovery.report": ("RecoveryReport",),
     "wsconvert.probes": ("ProbeSource",),
 }
 _EXPORTS = {name: module for module, names in _API.items() for name in names}
@@ -66,8 +67,8 @@ if TYPE_CHECKING:
     from wsconvert.pipeline import gate as gate
     from wsconvert.pipeline import inspect_checkpoint as inspect_checkpoint
     from wsconvert.probes import ProbeSource as ProbeSource
-    from wsconvert.recovery import RecoveryReport as RecoveryReport
     from wsconvert.recovery import recover as recover
+    from wsconvert.recovery.report import RecoveryReport as RecoveryReport
     from wsconvert.surgery import ApplyReport as ApplyReport
     from wsconvert.surgery import LayerRecord as LayerRecord
     from wsconvert.surgery import apply_ws as apply_ws

@@ -20,7 +20,9 @@ __all__ = [
     "OPSET",
     "PROBE_BATCH",
     "PROBE_SPATIAL",
+    "RECOVER_AUGMENT",
     "RECOVER_BATCH_SIZE",
+    "RECOVER_FEATURES",
     "RECOVER_HOLDOUT",
     "RECOVER_LR",
     "RECOVER_STEPS",
@@ -58,7 +60,7 @@ GATE_SEEDS = 2
 GATE_BATCH_SIZES = (1, 4)
 """Batch sizes the gate checks when the exported batch is dynamic."""
 
-RECOVER_STEPS = 200
+RECOVER_STEPS = 300
 """Distillation steps of recovery (``--recover-steps``); measured in docs/recovery.md."""
 RECOVER_BATCH_SIZE = 32
 """Distillation batch size of recovery."""
@@ -66,3 +68,7 @@ RECOVER_LR = 3e-3
 """Adam learning rate of recovery's distillation (cosine decay to zero)."""
 RECOVER_HOLDOUT = 0.2
 """Share of the recovery samples held out for measuring (a count when >= 1)."""
+RECOVER_FEATURES = 2.5
+"""Weight of feature matching (the refitted norms' outputs) in recovery's distillation loss."""
+RECOVER_AUGMENT = True
+"""Recovery distills on randomly flipped and shifted samples (inputs with spatial dimensions)."""

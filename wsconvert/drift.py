@@ -18,7 +18,8 @@ measures that change on probe inputs (:mod:`wsconvert.probes`):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -42,7 +43,9 @@ from wsconvert.probes import (
     tensors_in,
 )
 
-__all__ = ["DriftCheck", "DriftReport", "LayerDrift", "check_drift", "measure_drift"]
+__all__ = [
+    "DriftCheck", "DriftReport", "LayerDrift", "check_drift", "measure_drift", "measure_inits",
+]
 
 _CALIBRATION_SEED_OFFSET = 1000  # calibration batches never reuse the drift batches' seeds
 
@@ -285,7 +288,7 @@ def check_drift(original: nn.Module, converted: nn.Module, source: ProbeSource, 
         max_batches: random probe batches for the drift measurement.
         alternatives: ``init -> the same conversion with that init``; when the drift is large,
             the other inits are measured on the same probes
-            (:func:`wsconvert.recovery.measure_inits`) and only one that measured lower is
+            (:func:`measure_inits`) and only one that measured lower is
             suggested.
         recovering: recovery on real samples follows (the advice does not suggest it).
 
@@ -307,7 +310,6 @@ def check_drift(original: nn.Module, converted: nn.Module, source: ProbeSource, 
         check.after = measure_drift(original, converted, lambda k: source.batch(k, like), n,
                                     source=source.describe())
     if alternatives is not None and check.large:
-        from wsconvert.recovery import measure_inits
         from wsconvert.ws import INIT_MODES
 
         others = [i for i in INIT_MODES if i != init]
@@ -315,3 +317,38 @@ def check_drift(original: nn.Module, converted: nn.Module, source: ProbeSource, 
                                            [source.batch(k, like) for k in range(n)], others)
     check.suggestion = drift_advice(check, init, norm, real=source.real, recovering=recovering)
     return check
+
+
+def _floats(out: Any) -> list[Tensor]:
+    return [t for t in tensors_in(out) if t.is_floating_point()]
+
+
+def measure_inits(original: nn.Module, convert: Callable[[str], nn.Module],
+                  batches: Sequence[tuple[Tensor, ...]], inits: Sequence[str]
+                  ) -> dict[str, float]:
+    """The overall relative output drift each ``init`` would give, measured on ``batches``.
+
+    For advice that is measured, not guessed: ``convert(init)`` builds the conversion the user
+    asked for with another ``init`` (a fresh copy each time), and both models run in eval mode on
+    the same probe batches. A conversion that fails or whose forward fails is left out.
+
+    Returns:
+        ``{init: ||y_conv - y_orig|| / ||y_orig||}`` over all the batches.
+    """
+    out: dict[str, float] = {}
+    with EvalModes(original), torch.no_grad():
+        refs = [_floats(original(*cast_like(b, reference_tensor(original)))) for b in batches]
+    for init in inits:
+        try:
+            candidate = convert(init)
+            with EvalModes(candidate), torch.no_grad():
+                diff = norm = 0.0
+                for b, ref in zip(batches, refs, strict=True):
+                    got = _floats(candidate(*cast_like(b, reference_tensor(candidate))))
+                    for a, r in zip(got, ref, strict=True):
+                        diff += float((a.double() - r.double()).square().sum())
+                        norm += float(r.double().square().sum())
+        except Exception:  # noqa: BLE001 - an alternative that cannot run is simply not advised
+            continue
+        out[init] = math.sqrt(diff / norm) if norm > 0 else (0.0 if diff == 0 else math.inf)
+    return out

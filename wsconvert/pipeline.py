@@ -210,6 +210,7 @@ def convert(checkpoint: PathLike, output: PathLike | None = None, *, model: str 
             calib_data: PathLike | None = None, recover_steps: int | None = None,
             recover_batch_size: int | None = None, recover_lr: float | None = None,
             recover_holdout: float | None = None, recover_seed: int = 0,
+            recover_augment: bool | None = None,
             image_size: int | Sequence[int] | None = None, mean: Sequence[float] | None = None,
             std: Sequence[float] | None = None,
             recover_progress: Callable[[RecoveryProgress], None] | None = None,
@@ -223,8 +224,8 @@ def convert(checkpoint: PathLike, output: PathLike | None = None, *, model: str 
     probe shape the model rejects only skips the check), ``recover`` (with ``calib_data``:
     :func:`~wsconvert.recovery.recover` on the samples read by
     :func:`~wsconvert.io.inputs.load_samples`; ``recover_*`` are its ``steps``, ``batch_size``,
-    ``lr``, ``holdout`` and ``seed``, ``recover_progress`` / ``should_stop`` its ``progress`` /
-    ``should_stop``), ``save``. A stopped recovery writes nothing.
+    ``lr``, ``holdout``, ``seed`` and ``augment``, ``recover_progress`` / ``should_stop`` its
+    ``progress`` / ``should_stop``), ``save``. A stopped recovery writes nothing.
 
     Args:
         checkpoint: the input checkpoint (any form :func:`~wsconvert.io.wsfile.load_model` reads).
@@ -253,7 +254,8 @@ def convert(checkpoint: PathLike, output: PathLike | None = None, *, model: str 
                   else [tuple(s) for s in input_shape])
         check_input_size(shapes, allow_large=allow_large_inputs)
     recover_options = _recover_options(calib_data, calibrate, recover_steps, recover_batch_size,
-                                       recover_lr, recover_holdout, image_size, mean, std)
+                                       recover_lr, recover_holdout, image_size, mean, std,
+                                       recover_augment)
     with OutputSet(force=force, protect=_inputs(checkpoint=checkpoint, inputs=inputs,
                                                 calib_data=calib_data)) as outputs:
         target = outputs.add(output if output is not None else default_output(checkpoint,
@@ -316,9 +318,11 @@ def convert(checkpoint: PathLike, output: PathLike | None = None, *, model: str 
 def _recover_options(calib_data: PathLike | None, calibrate: int, steps: int | None,
                      batch_size: int | None, lr: float | None, holdout: float | None,
                      image_size: int | Sequence[int] | None, mean: Sequence[float] | None,
-                     std: Sequence[float] | None) -> dict[str, Any]:
+                     std: Sequence[float] | None, augment: bool | None = None
+                     ) -> dict[str, Any]:
     """The :func:`~wsconvert.recovery.recover` keywords given, checked before anything runs."""
-    given = {"steps": steps, "batch_size": batch_size, "lr": lr, "holdout": holdout}
+    given = {"steps": steps, "batch_size": batch_size, "lr": lr, "holdout": holdout,
+             "augment": augment}
     options: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     if calib_data is None:
         named = [f"`recover_{k}`" for k in options] + [
@@ -329,7 +333,7 @@ def _recover_options(calib_data: PathLike | None, calibrate: int, steps: int | N
         return options
     if calibrate:
         raise UsageError("`calib_data` re-estimates the norms itself: drop `calibrate`")
-    check_options(**options, prefix="recover_")
+    check_options(**{k: v for k, v in options.items() if k != "augment"}, prefix="recover_")
     return options
 
 

@@ -44,6 +44,7 @@ FLAGS = {
     "norm": "--norm",
     "norm=keep": "--norm keep",
     "onnx": "--onnx",
+    "recover_augment": "--recover-augment",
     "recover_batch_size": "--recover-batch-size",
     "recover_holdout": "--recover-holdout",
     "recover_lr": "--recover-lr",

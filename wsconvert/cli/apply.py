@@ -114,6 +114,7 @@ def recovery_lines(rec: dict[str, Any]) -> list[Any]:
                 else f"best held-out state at step {rec['best_step']}")
         done += (f"; distilled {rec['steps_run']} step(s) ({rec['loss']} loss, batch "
                  f"{rec['batch_size']}, lr {rec['lr']:g}, "
+                 f"{'flipped and shifted inputs, ' if rec.get('augment') else ''}"
                  f"{1000 * rec['seconds_per_step']:.0f} ms/step), {best}")
     return [table, f"[green]✓[/] {escape(done)}"]
 
@@ -182,6 +183,10 @@ def apply_cmd(
         f"{defaults.RECOVER_HOLDOUT:g}].", show_default=False)] = None,
     recover_seed: Annotated[int, typer.Option(
         metavar="N", help="Seed of the held-out split and the batch order.")] = 0,
+    recover_augment: Annotated[bool, typer.Option(
+        "--recover-augment/--no-recover-augment", help="Distill on randomly flipped and "
+        "shifted samples too (inputs with 1-3 spatial dimensions; the original model labels "
+        "them).")] = defaults.RECOVER_AUGMENT,
     image_size: ImageSizeOpt = None,
     mean: MeanOpt = None,
     std: StdOpt = None,
@@ -215,6 +220,7 @@ def apply_cmd(
         allow_large_inputs=allow_large_inputs, calib_data=calib_data,
         recover_steps=recover_steps, recover_batch_size=recover_batch_size,
         recover_lr=recover_lr, recover_holdout=recover_holdout, recover_seed=recover_seed,
+        recover_augment=None if recover_augment == defaults.RECOVER_AUGMENT else recover_augment,
         image_size=image_size, mean=floats(mean, "--mean"), std=floats(std, "--std"),
         recover_progress=view.update, should_stop=view.should_stop, progress=progress)
     for note in result.loaded.notes:
