@@ -204,11 +204,14 @@ def trace_batch(config: ExportConfig) -> int | None:
     return None
 
 
-def _check_inputs(model: nn.Module, config: ExportConfig) -> tuple[torch.Tensor, ...]:
-    """Run the model at the shapes asked for and at the trace batch; returns the trace inputs."""
+def _check_inputs(model: nn.Module, config: ExportConfig, *, trace: bool = True
+                  ) -> tuple[torch.Tensor, ...]:
+    """Run the model at the shapes asked for and (``trace``) at the trace batch; returns the trace
+    inputs. The trace-batch run only turns an export failure into a clear message: the exporter
+    runs the model there itself."""
     shapes = " ".join(",".join(map(str, s)) for s in config.input_shapes)
     batch = trace_batch(config)
-    for b in dict.fromkeys([None, batch]):
+    for b in dict.fromkeys([None, batch] if trace else [None]):
         inputs = config.example_inputs(b)
         try:
             with torch.no_grad():
@@ -221,7 +224,7 @@ def _check_inputs(model: nn.Module, config: ExportConfig) -> tuple[torch.Tensor,
             raise UsageError(f"`dynamic_batch=True`: the model {_model_name(model)} does not run "
                              f"at batch {b} (`input_shape` {shapes} with that batch): {reason}"
                              ) from None
-    return inputs
+    return config.example_inputs(batch)
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike[str], config: ExportConfig, *,
@@ -258,7 +261,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], config: ExportCo
     if not target.parent.is_dir():
         raise UsageError(f"{target}: output directory {target.parent} does not exist")
     model = model.eval()
-    inputs = _check_inputs(model, config)
+    inputs = _check_inputs(model, config, trace=False)
     n_inputs = len(inputs)
     input_names = [f"input_{i}" for i in range(n_inputs)] if n_inputs > 1 else ["input"]
     external = (config.external_data if config.external_data is not None
@@ -279,6 +282,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], config: ExportCo
                                   opset_version=config.opset, input_names=input_names,
                                   dynamic_shapes=dynamic_shapes, external_data=external)
         except Exception as exc:  # noqa: BLE001 - the exporter raises many types
+            _check_inputs(model, config)  # a model that cannot run at the trace batch says so
             raise WsconvertError(f"{_model_name(model)}: ONNX export failed: "
                                  f"{dependency_reason(exc)}") from None
         try:
