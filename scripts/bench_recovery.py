@@ -12,7 +12,7 @@ Three cases (docs/recovery.md has the results and the machine they ran on):
   estimated on the random inputs), 224x224 inputs: runs, with progress, the time per step and the
   agreement.
 
-Run: ``python scripts/bench_recovery.py [--only tiny residual resnet50] [--json out.json]``.
+Run: ``python scripts/bench_recovery.py [--only tiny residual resnet50] [--seeds 3] [--json F]``.
 Progress goes to stderr, the table to stdout.
 """
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -54,29 +55,34 @@ def _printer(label: str, every: int) -> Any:
     return show
 
 
-def _case(name: str, original: nn.Module, calib: torch.Tensor, xt: torch.Tensor,
+def _case(name: str, original: nn.Module, make_calib: Any, xt: torch.Tensor,
           yt: torch.Tensor, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Per init and per seed k (``--seeds``): calibration samples ``make_calib(k)``, split and
+    batch-order seed ``--seed + k``."""
     rows = []
     acc0 = accuracy(original, xt, yt)
     for init in args.inits:
-        converted = _convert(original, init, args.groups)
-        step0 = accuracy(converted, xt, yt)
-        t0 = time.perf_counter()
-        closed = _convert(original, init, args.groups)
-        recover(closed, original, calib, steps=0, seed=args.seed)
-        t_closed = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        report = recover(converted, original, calib, steps=args.steps, seed=args.seed,
-                         **_kwargs(args), progress=_printer(f"{name} {init}", 50))
-        seconds = time.perf_counter() - t1
-        row = {"case": name, "init": init, "original": acc0, "converted": step0,
-               "closed_form": accuracy(closed, xt, yt), "recovered": accuracy(converted, xt, yt),
-               "seconds_closed_form": t_closed, "seconds": seconds, "report": report.to_dict()}
-        rows.append(row)
-        print(f"{name} {init}: original {100 * acc0:.2f}%, converted {100 * step0:.2f}%, "
-              f"closed form {100 * row['closed_form']:.2f}%, recovered "
-              f"{100 * row['recovered']:.2f}% ({seconds:.1f} s, "
-              f"{report.seconds_per_step * 1000:.0f} ms/step)", file=sys.stderr, flush=True)
+        for k in range(args.seeds):
+            calib, seed = make_calib(k), args.seed + k
+            converted = _convert(original, init, args.groups)
+            step0 = accuracy(converted, xt, yt)
+            t0 = time.perf_counter()
+            closed = _convert(original, init, args.groups)
+            recover(closed, original, calib, steps=0, seed=seed)
+            t_closed = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            report = recover(converted, original, calib, steps=args.steps, seed=seed,
+                             **_kwargs(args), progress=_printer(f"{name} {init}", 50))
+            seconds = time.perf_counter() - t1
+            row = {"case": name, "init": init, "seed": seed, "original": acc0,
+                   "converted": step0, "closed_form": accuracy(closed, xt, yt),
+                   "recovered": accuracy(converted, xt, yt), "seconds_closed_form": t_closed,
+                   "seconds": seconds, "report": report.to_dict()}
+            rows.append(row)
+            print(f"{name} {init} seed {seed}: original {100 * acc0:.2f}%, converted "
+                  f"{100 * step0:.2f}%, closed form {100 * row['closed_form']:.2f}%, recovered "
+                  f"{100 * row['recovered']:.2f}% ({seconds:.1f} s, "
+                  f"{report.seconds_per_step * 1000:.0f} ms/step)", file=sys.stderr, flush=True)
     return rows
 
 
@@ -99,9 +105,9 @@ def tiny(args: argparse.Namespace) -> list[dict[str, Any]]:
     from wsconvert.io.wsfile import load_model
 
     original = load_model(EXAMPLE_CHECKPOINT, EXAMPLE_FACTORY).model.eval()
-    calib, _ = make_dataset(args.samples, seed=3, noise=0.6)
     xt, yt = make_dataset(2048, seed=1, noise=0.6)
-    return _case("tinynet", original, calib, xt, yt, args)
+    return _case("tinynet", original, lambda k: make_dataset(args.samples, seed=3 + k,
+                                                             noise=0.6)[0], xt, yt, args)
 
 
 def residual(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -118,9 +124,9 @@ def residual(args: argparse.Namespace) -> list[dict[str, Any]]:
         if cache is not None:
             torch.save(original.state_dict(), cache)
     original.eval()
-    calib, _ = make_task(args.samples, seed=7)
     xt, yt = make_task(2048, seed=1)
-    return _case("residual", original, calib, xt, yt, args)
+    return _case("residual", original, lambda k: make_task(args.samples, seed=7 + k)[0], xt, yt,
+                 args)
 
 
 def resnet50(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -158,6 +164,8 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=512)
     parser.add_argument("--groups", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, default=1, help="runs per case and init: calibration "
+                        "samples and split seed differ per run; the table gives mean and max gap")
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--features", type=float, default=None)
@@ -179,19 +187,28 @@ def main() -> int:
     rows: list[dict[str, Any]] = []
     for case in args.only:
         rows += {"tiny": tiny, "residual": residual, "resnet50": resnet50}[case](args)
-    print("| case | init | original | converted (step 0) | closed form | recovered | time |")
-    print("|---|---|---|---|---|---|---|")
+    print("| case | init | original | converted (step 0) | closed form | recovered | gap | time |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         if r["case"] == "resnet50":
             rep = r["report"]
             before, after = rep["stages"][0], rep["stages"][-1]
             print(f"| resnet50 | {r['init']} | agreement | {100 * before['agreement']:.0f}% | "
                   f"{100 * rep['stages'][1]['agreement']:.0f}% | {100 * after['agreement']:.0f}%"
-                  f" | {r['seconds']:.0f} s ({rep['seconds_per_step']:.1f} s/step) |")
+                  f" | | {r['seconds']:.0f} s ({rep['seconds_per_step']:.1f} s/step) |")
             continue
-        print(f"| {r['case']} | {r['init']} | {100 * r['original']:.2f}% | "
+        print(f"| {r['case']} (seed {r['seed']}) | {r['init']} | {100 * r['original']:.2f}% | "
               f"{100 * r['converted']:.2f}% | {100 * r['closed_form']:.2f}% | "
-              f"{100 * r['recovered']:.2f}% | {r['seconds']:.1f} s |")
+              f"{100 * r['recovered']:.2f}% | {100 * (r['original'] - r['recovered']):.2f} | "
+              f"{r['seconds']:.1f} s |")
+    groups: dict[tuple[str, str], list[float]] = {}
+    for r in rows:
+        if r["case"] != "resnet50":
+            groups.setdefault((r["case"], r["init"]), []).append(
+                100 * (r["original"] - r["recovered"]))
+    for (case, init), gaps in groups.items():
+        print(f"{case} {init}: gap mean {statistics.mean(gaps):.2f}, max {max(gaps):.2f} point(s) "
+              f"over {len(gaps)} seed(s)")
     machine = (f"{platform.system()} {platform.machine()}, torch {torch.__version__}, "
                f"{args.threads} thread(s)")
     print(f"\n{machine}; steps {args.steps}; recover settings {_kwargs(args) or 'defaults'}")

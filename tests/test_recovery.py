@@ -263,6 +263,8 @@ def test_augment_applies_only_to_spatial_inputs() -> None:
     assert report.augment
     report = recover(_convert(original), original, _data(32, 3), steps=2, augment=False)
     assert not report.augment
+    report = recover(_convert(original), original, _data(32, 3), steps=0)
+    assert not report.augment  # no distillation: nothing was augmented
     mlp = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).eval()
     calibrate_bn(mlp, [(torch.randn(64, 6),)])
     report = recover(copy.deepcopy(mlp), mlp, torch.randn(32, 6), steps=2, features=0.0)
@@ -407,6 +409,23 @@ def test_cli_augment_flag(cli: Any, net_state: Path, calib: Path) -> None:
         assert rec["features"] == pytest.approx(DEFAULT_FEATURES)
 
 
+def test_cli_says_when_asked_augmentation_cannot_apply(cli: Any, nets_dir: Path) -> None:
+    import wsnets  # type: ignore[import-not-found]
+
+    torch.save(wsnets.mixed().state_dict(), nets_dir / "mixed.pt")
+    g = torch.Generator().manual_seed(0)
+    torch.save((torch.randn(12, 4, 9, generator=g), torch.randn(12, 2, 3, 5, 5, generator=g)),
+               nets_dir / "pairs.pt")  # two inputs of different spatial shapes
+    base = ["apply", nets_dir / "mixed.pt", "-m", "wsnets:mixed", "--calib-data", "pairs.pt",
+            "--recover-steps", "2", "--input-shape", "2,4,9;2,2,3,5,5", "--force"]
+    proc = cli.run(*base, "--recover-augment", cwd=nets_dir)
+    assert proc.returncode == 0, proc.stderr
+    assert "--recover-augment: not applied" in proc.stderr
+    proc = cli.run(*base, cwd=nets_dir)  # not asked for: the default stays quiet
+    assert proc.returncode == 0, proc.stderr
+    assert "not applied" not in proc.stderr
+
+
 def test_cli_reads_an_image_folder(cli: Any, net_state: Path) -> None:
     import json
 
@@ -461,6 +480,8 @@ def test_cli_bad_recovery_input(cli: Any, net_state: Path, calib: Path) -> None:
         (["--calib-data", cwd / "missing.pt"], ("missing.pt",)),
         (["--recover-steps", "5"], ("--recover-steps need --calib-data",)),
         (["--image-size", "8"], ("--image-size need --calib-data",)),
+        (["--recover-augment"], ("--recover-augment need --calib-data",)),
+        (["--no-recover-augment"], ("--no-recover-augment need --calib-data",)),
         (["--calib-data", calib, "--calibrate", "2"], ("--calib-data", "drop --calibrate")),
         (["--calib-data", calib, "--recover-lr", "0"], ("--recover-lr must be",)),
         (["--calib-data", calib, "--recover-holdout", "1.5"], ("--recover-holdout must be",)),

@@ -276,15 +276,18 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], config: ExportCo
         raise UsageError(f"{target}: cannot write to {target.parent} ({exc.strerror})") from None
     try:
         tmp = tmp_dir / target.name
+        failure = None
         try:
             with _quiet(), torch.no_grad():
                 torch.onnx.export(model, inputs, str(tmp), dynamo=True,
                                   opset_version=config.opset, input_names=input_names,
                                   dynamic_shapes=dynamic_shapes, external_data=external)
         except Exception as exc:  # noqa: BLE001 - the exporter raises many types
+            failure = dependency_reason(exc)
+        if failure is not None:
+            # Outside the handler, so that the probe's own error does not chain the exporter's.
             _check_inputs(model, config)  # a model that cannot run at the trace batch says so
-            raise WsconvertError(f"{_model_name(model)}: ONNX export failed: "
-                                 f"{dependency_reason(exc)}") from None
+            raise WsconvertError(f"{_model_name(model)}: ONNX export failed: {failure}")
         try:
             onnx.checker.check_model(str(tmp), full_check=True)
         except Exception as exc:  # noqa: BLE001 - checker errors are several types

@@ -325,7 +325,8 @@ def _recover_options(calib_data: PathLike | None, calibrate: int, steps: int | N
              "augment": augment}
     options: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     if calib_data is None:
-        named = [f"`recover_{k}`" for k in options] + [
+        named = [f"`recover_{k}={v}`" if k == "augment" else f"`recover_{k}`"
+                 for k, v in options.items()] + [
             f"`{k}`" for k, v in (("image_size", image_size), ("mean", mean), ("std", std))
             if v is not None]
         if named:

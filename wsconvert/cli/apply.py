@@ -183,10 +183,12 @@ def apply_cmd(
         f"{defaults.RECOVER_HOLDOUT:g}].", show_default=False)] = None,
     recover_seed: Annotated[int, typer.Option(
         metavar="N", help="Seed of the held-out split and the batch order.")] = 0,
-    recover_augment: Annotated[bool, typer.Option(
-        "--recover-augment/--no-recover-augment", help="Distill on randomly flipped and "
-        "shifted samples too (inputs with 1-3 spatial dimensions; the original model labels "
-        "them).")] = defaults.RECOVER_AUGMENT,
+    recover_augment: Annotated[bool | None, typer.Option(
+        "--recover-augment/--no-recover-augment", help="Distill on randomly flipped (last "
+        "dimension) and shifted copies of the samples too, labelled by the original model; "
+        "applies to inputs [N, C, *spatial] with 1-3 spatial dimensions, the same for every "
+        f"input [default: {'on' if defaults.RECOVER_AUGMENT else 'off'}].",
+        show_default=False)] = None,
     image_size: ImageSizeOpt = None,
     mean: MeanOpt = None,
     std: StdOpt = None,
@@ -220,7 +222,7 @@ def apply_cmd(
         allow_large_inputs=allow_large_inputs, calib_data=calib_data,
         recover_steps=recover_steps, recover_batch_size=recover_batch_size,
         recover_lr=recover_lr, recover_holdout=recover_holdout, recover_seed=recover_seed,
-        recover_augment=None if recover_augment == defaults.RECOVER_AUGMENT else recover_augment,
+        recover_augment=recover_augment,
         image_size=image_size, mean=floats(mean, "--mean"), std=floats(std, "--std"),
         recover_progress=view.update, should_stop=view.should_stop, progress=progress)
     for note in result.loaded.notes:
@@ -236,6 +238,10 @@ def apply_cmd(
         for line in drift_lines(payload["drift"]):
             out.result(line)
     if result.recovery is not None:
+        if (recover_augment and result.recovery.steps_run
+                and not result.recovery.augment):
+            out.warn("--recover-augment: not applied; it needs inputs [N, C, *spatial] with 1-3 "
+                     "spatial dimensions, the same for every input")
         for line in recovery_lines(payload["recovery"]):
             out.result(line)
     out.result(f"[green]✓[/] {escape(result.apply.summary())}; wrote {escape(result.output)}")

@@ -260,7 +260,7 @@ def recover(converted: nn.Module, original: nn.Module, data: Tensor | Sequence[T
         return _recover(converted, original, samples, fit_idx, hold_idx, steps=steps,
                         batch_size=batch_size, lr=lr, seed=seed, temperature=temperature,
                         loss=loss, features=features, mixup=mixup,
-                        augment=augment and can_augment(samples),
+                        augment=augment and steps > 0 and can_augment(samples),
                         eval_every=eval_every or max(steps // 10, 1), calibrate=calibrate,
                         progress=progress, should_stop=should_stop)
     except BaseException:
