@@ -482,6 +482,7 @@ def test_cli_bad_recovery_input(cli: Any, net_state: Path, calib: Path) -> None:
         (["--image-size", "8"], ("--image-size need --calib-data",)),
         (["--recover-augment"], ("--recover-augment need --calib-data",)),
         (["--no-recover-augment"], ("--no-recover-augment need --calib-data",)),
+        (["--recover-seed", "3"], ("--recover-seed need --calib-data",)),
         (["--calib-data", calib, "--calibrate", "2"], ("--calib-data", "drop --calibrate")),
         (["--calib-data", calib, "--recover-lr", "0"], ("--recover-lr must be",)),
         (["--calib-data", calib, "--recover-holdout", "1.5"], ("--recover-holdout must be",)),

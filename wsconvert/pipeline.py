@@ -209,7 +209,7 @@ def convert(checkpoint: PathLike, output: PathLike | None = None, *, model: str 
             allow_nonfinite: bool = False, allow_large_inputs: bool = False,
             calib_data: PathLike | None = None, recover_steps: int | None = None,
             recover_batch_size: int | None = None, recover_lr: float | None = None,
-            recover_holdout: float | None = None, recover_seed: int = 0,
+            recover_holdout: float | None = None, recover_seed: int | None = None,
             recover_augment: bool | None = None,
             image_size: int | Sequence[int] | None = None, mean: Sequence[float] | None = None,
             std: Sequence[float] | None = None,
@@ -255,7 +255,7 @@ def convert(checkpoint: PathLike, output: PathLike | None = None, *, model: str 
         check_input_size(shapes, allow_large=allow_large_inputs)
     recover_options = _recover_options(calib_data, calibrate, recover_steps, recover_batch_size,
                                        recover_lr, recover_holdout, image_size, mean, std,
-                                       recover_augment)
+                                       recover_augment, recover_seed)
     with OutputSet(force=force, protect=_inputs(checkpoint=checkpoint, inputs=inputs,
                                                 calib_data=calib_data)) as outputs:
         target = outputs.add(output if output is not None else default_output(checkpoint,
@@ -306,7 +306,7 @@ def convert(checkpoint: PathLike, output: PathLike | None = None, *, model: str 
         if samples is not None:
             with progress("recover"):
                 result.recovery = recover(
-                    report.model, loaded.model, samples, seed=recover_seed,
+                    report.model, loaded.model, samples, seed=recover_seed or 0,
                     name=f"`calib_data` {calib_data}", progress=recover_progress,
                     should_stop=should_stop, **recover_options)
         with progress("save"):
@@ -318,8 +318,8 @@ def convert(checkpoint: PathLike, output: PathLike | None = None, *, model: str 
 def _recover_options(calib_data: PathLike | None, calibrate: int, steps: int | None,
                      batch_size: int | None, lr: float | None, holdout: float | None,
                      image_size: int | Sequence[int] | None, mean: Sequence[float] | None,
-                     std: Sequence[float] | None, augment: bool | None = None
-                     ) -> dict[str, Any]:
+                     std: Sequence[float] | None, augment: bool | None = None,
+                     seed: int | None = None) -> dict[str, Any]:
     """The :func:`~wsconvert.recovery.recover` keywords given, checked before anything runs."""
     given = {"steps": steps, "batch_size": batch_size, "lr": lr, "holdout": holdout,
              "augment": augment}
@@ -328,7 +328,7 @@ def _recover_options(calib_data: PathLike | None, calibrate: int, steps: int | N
         named = [f"`recover_{k}={v}`" if k == "augment" else f"`recover_{k}`"
                  for k, v in options.items()] + [
             f"`{k}`" for k, v in (("image_size", image_size), ("mean", mean), ("std", std))
-            if v is not None]
+            if v is not None] + (["`recover_seed`"] if seed is not None else [])
         if named:
             raise UsageError(f"{', '.join(named)} need `calib_data`")
         return options

@@ -49,6 +49,7 @@ FLAGS = {
     "recover_batch_size": "--recover-batch-size",
     "recover_holdout": "--recover-holdout",
     "recover_lr": "--recover-lr",
+    "recover_seed": "--recover-seed",
     "recover_steps": "--recover-steps",
     "report": "--report",
     "rtol": "--rtol",

@@ -181,8 +181,9 @@ def apply_cmd(
     recover_holdout: Annotated[float | None, typer.Option(
         metavar="F", help="Held-out share of --calib-data (a count when >= 1) [default: "
         f"{defaults.RECOVER_HOLDOUT:g}].", show_default=False)] = None,
-    recover_seed: Annotated[int, typer.Option(
-        metavar="N", help="Seed of the held-out split and the batch order.")] = 0,
+    recover_seed: Annotated[int | None, typer.Option(
+        metavar="N", help="Seed of the held-out split and the batch order [default: 0].",
+        show_default=False)] = None,
     recover_augment: Annotated[bool | None, typer.Option(
         "--recover-augment/--no-recover-augment", help="Distill on randomly flipped (last "
         "dimension) and shifted copies of the samples too, labelled by the original model; "
