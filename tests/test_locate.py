@@ -71,11 +71,18 @@ def _edit_initializer(src: Path, dst: Path, name: str, scale: float) -> None:
     onnx.save(proto, str(dst))
 
 
-def test_scaled_conv_weight_is_named(exported: tuple[nn.Module, nn.Module, Path],
-                                     tmp_path: Path) -> None:
+@pytest.fixture
+def scaled_conv(exported: tuple[nn.Module, nn.Module, Path],
+                tmp_path: Path) -> tuple[nn.Module, nn.Module, Path]:
+    """The exported graph with one conv weight in the middle (``layer2.0.conv2``) scaled by 1%."""
     ws, folded, path = exported
     bad = tmp_path / "bad.onnx"
     _edit_initializer(path, bad, "layer2.0.conv2.weight", 1.01)
+    return ws, folded, bad
+
+
+def test_scaled_conv_weight_is_named(scaled_conv: tuple[nn.Module, nn.Module, Path]) -> None:
+    ws, folded, bad = scaled_conv
     inputs = make_inputs([SHAPE], seeds=2, batch_sizes=[1, 3])
     report = check_parity(bad, ws, inputs, folded=folded)
     assert not report.passed() and {c.stage for c in report.failures} == {"export"}
@@ -179,10 +186,10 @@ def _strip(src: Path, dst: Path, *, rename: bool) -> None:
 
 
 def test_without_exporter_metadata(exported: tuple[nn.Module, nn.Module, Path],
+                                   scaled_conv: tuple[nn.Module, nn.Module, Path],
                                    tmp_path: Path) -> None:
-    ws, folded, path = exported
-    bad = tmp_path / "bad.onnx"
-    _edit_initializer(path, bad, "layer2.0.conv2.weight", 1.01)
+    ws, folded, bad = scaled_conv
+    path = exported[2]
     # No metadata, but initializers named after parameters: located by parameter names.
     _strip(bad, tmp_path / "plain.onnx", rename=False)
     loc = locate_export(tmp_path / "plain.onnx", folded, make_inputs([SHAPE])[0], atol=1e-4,
