@@ -103,3 +103,21 @@ def test_configs_restore_same_model() -> None:
     fresh.load_state_dict(ws.state_dict())
     x = torch.randn(1, 3, 9, 9)
     assert torch.equal(fresh[:4](x), ws[:4](x))
+
+
+def test_non_finite_standardization_is_refused_before_any_layer_converts() -> None:
+    from torch.nn.utils import parametrize
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3))
+    with torch.no_grad():
+        model[1].weight[2].fill_(0.5)  # a constant filter: std 0
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConversionError, match="layer 1: standardizing gives non-finite"):
+        apply_ws(model, "paper", eps=0.0, inplace=True)
+    # The first layer passed its check but was not converted either: the model is as it was.
+    assert not any(parametrize.is_parametrized(m) for m in model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # A conversion that succeeds leaves no evaluation cache behind (nothing ran the model).
+    report = apply_ws(model, "paper")
+    for m in report.model:
+        assert m.parametrizations.weight[0]._cache is None

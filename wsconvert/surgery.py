@@ -178,12 +178,17 @@ def _fan_in_of(module: nn.Module) -> int:
     return fan_in(shape, transposed=_is_transposed(module), groups=groups)
 
 
+def _parametrization(module: nn.Module, convention: str, eps: float | None, init: str,
+                     scaled_gamma: float = 1.0) -> WeightStandardization:
+    return WeightStandardization(layer_weight(module), convention, eps, init,
+                                 transposed=_is_transposed(module),
+                                 groups=int(getattr(module, "groups", 1)),
+                                 scaled_gamma=scaled_gamma)
+
+
 def _register(module: nn.Module, convention: str, eps: float | None, init: str,
               scaled_gamma: float = 1.0) -> WeightStandardization:
-    p = WeightStandardization(layer_weight(module), convention, eps, init,
-                              transposed=_is_transposed(module),
-                              groups=int(getattr(module, "groups", 1)),
-                              scaled_gamma=scaled_gamma)
+    p = _parametrization(module, convention, eps, init, scaled_gamma)
     parametrize.register_parametrization(module, "weight", p)
     return p
 
@@ -237,6 +242,9 @@ def apply_ws(model: nn.Module, convention: str = "paper", eps: float | None = No
     report = ApplyReport(target, convention=spec.name, eps=spec.eps if eps is None else eps,
                          init=init)
     modules = dict(target.named_modules())
+    # Every layer is checked before any is converted: a refusal leaves an ``inplace`` model as it
+    # was.
+    planned: list[tuple[nn.Module, WeightStandardization]] = []
     for name, _ in candidates:
         module = modules[name]
         reason = _skip_reason(name, module, include, exclude, transposed, linear)
@@ -247,15 +255,18 @@ def apply_ws(model: nn.Module, convention: str = "paper", eps: float | None = No
         if reason:
             report.layers.append(LayerRecord(name, _kind(module), shape, fan, "skipped", reason))
             continue
-        p = _register(module, spec.name, eps, init)
+        p = _parametrization(module, spec.name, eps, init)
         with torch.no_grad():
-            finite = bool(torch.isfinite(module.weight).all())
+            finite = bool(torch.isfinite(p.standardize(weight)).all())
         if not finite:
             raise ConversionError(
                 f"layer {name}: standardizing gives non-finite weights (a constant filter has "
                 f"std 0 and eps={p.eps:g} does not cover it); use `eps` > 0 or exclude the layer")
+        planned.append((module, p))
         report.layers.append(LayerRecord(name, _kind(module), shape, fan, "converted",
                                          convention=spec.name, eps=p.eps, init=init))
+    for module, p in planned:
+        parametrize.register_parametrization(module, "weight", p)
     if not report.converted:
         reasons = sorted({r.reason for r in report.skipped})
         raise ConversionError("no layer was converted: " + "; ".join(reasons))
