@@ -18,7 +18,6 @@ measures that change on probe inputs (:mod:`wsconvert.probes`):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -37,6 +36,7 @@ from wsconvert.probes import (
     ProbeSource,
     batch_getter,
     cast_like,
+    float_tensors,
     forward,
     reference_tensor,
     relative_l2,
@@ -164,8 +164,7 @@ def measure_drift(original: nn.Module, converted: nn.Module, batches: Batches,
                 if name not in order:
                     order.append(name)
             # Clone: an in-place op after this module (ReLU(inplace=True)) would change it.
-            stored[name].append([t.detach().double().clone() for t in tensors_in(out)
-                                 if t.is_floating_point()])
+            stored[name].append([t.detach().double().clone() for t in float_tensors(out)])
         return hook
 
     def compare(name: str) -> Callable[..., None]:
@@ -175,7 +174,7 @@ def measure_drift(original: nn.Module, converted: nn.Module, batches: Batches,
             refs = stored.get(name, [])
             if k >= len(refs):
                 return
-            outs = [t.detach().double() for t in tensors_in(out) if t.is_floating_point()]
+            outs = [t.detach().double() for t in float_tensors(out)]
             if len(outs) != len(refs[k]) or any(a.shape != b.shape
                                                 for a, b in zip(outs, refs[k], strict=True)):
                 return
@@ -319,10 +318,6 @@ def check_drift(original: nn.Module, converted: nn.Module, source: ProbeSource, 
     return check
 
 
-def _floats(out: Any) -> list[Tensor]:
-    return [t for t in tensors_in(out) if t.is_floating_point()]
-
-
 def measure_inits(original: nn.Module, convert: Callable[[str], nn.Module],
                   batches: Sequence[tuple[Tensor, ...]], inits: Sequence[str]
                   ) -> dict[str, float]:
@@ -337,18 +332,18 @@ def measure_inits(original: nn.Module, convert: Callable[[str], nn.Module],
     """
     out: dict[str, float] = {}
     with EvalModes(original), torch.no_grad():
-        refs = [_floats(original(*cast_like(b, reference_tensor(original)))) for b in batches]
+        refs = [float_tensors(original(*cast_like(b, reference_tensor(original)))) for b in batches]
     for init in inits:
         try:
             candidate = convert(init)
             with EvalModes(candidate), torch.no_grad():
                 diff = norm = 0.0
                 for b, ref in zip(batches, refs, strict=True):
-                    got = _floats(candidate(*cast_like(b, reference_tensor(candidate))))
+                    got = float_tensors(candidate(*cast_like(b, reference_tensor(candidate))))
                     for a, r in zip(got, ref, strict=True):
                         diff += float((a.double() - r.double()).square().sum())
                         norm += float(r.double().square().sum())
         except Exception:  # noqa: BLE001 - an alternative that cannot run is simply not advised
             continue
-        out[init] = math.sqrt(diff / norm) if norm > 0 else (0.0 if diff == 0 else math.inf)
+        out[init] = relative_l2(diff, norm)
     return out

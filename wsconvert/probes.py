@@ -158,6 +158,11 @@ def forward(model: nn.Module, inputs: tuple[Tensor, ...], what: str) -> Any:
                          ) from None
 
 
+def float_tensors(obj: Any) -> list[Tensor]:
+    """The floating-point tensors of a (nested) model output, in order."""
+    return [t for t in tensors_in(obj) if t.is_floating_point()]
+
+
 def tensors_in(obj: Any) -> Iterator[Tensor]:
     """Every tensor in a (nested) model output, in order."""
     if isinstance(obj, Tensor):

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 
 from wsconvert.errors import ConversionError, UsageError, WsconvertError
 from wsconvert.io.inputs import as_samples
-from wsconvert.probes import EvalModes
+from wsconvert.probes import EvalModes, float_tensors
 from wsconvert.recovery.distill import LOSSES, Taps, batch_indices, can_augment, loss_fn, mix
 from wsconvert.recovery.distill import augment as augment_batch
 from wsconvert.recovery.refit import fit_norms
@@ -71,11 +71,10 @@ from wsconvert.recovery.report import (
     RecoveryProgress,
     RecoveryReport,
     StageResult,
-    figures,
-    flat,
     forward,
     is_classifier,
     outputs,
+    stage_result,
     to_model,
 )
 
@@ -99,7 +98,6 @@ __all__ = [
     "check_samples",
     "fit_norms",
     "measure",
-    "measure_inits",
     "recover",
 ]
 
@@ -177,12 +175,8 @@ def measure(converted: nn.Module, original: nn.Module | list[Tensor],
     index = torch.arange(samples[0].shape[0])
     t0 = time.perf_counter()
     ref = original if isinstance(original, list) else outputs(original, samples, index)
-    classifier = is_classifier(ref)
-    got = outputs(converted, samples, index)
-    rel, agree = figures(got, ref, classifier)
-    with torch.no_grad():
-        value = float(loss_fn("kl" if classifier else "mse", DEFAULT_TEMPERATURE)(got, ref))
-    return StageResult(stage, rel, agree, value, time.perf_counter() - t0)
+    objective = loss_fn("kl" if is_classifier(ref) else "mse", DEFAULT_TEMPERATURE)
+    return stage_result(stage, converted, samples, index, ref, objective, t0)
 
 
 def _snapshot(model: nn.Module) -> dict[str, Tensor]:
@@ -289,17 +283,13 @@ def _recover(converted: nn.Module, original: nn.Module, samples: tuple[Tensor, .
         raise UsageError("loss 'kl' needs a classifier-like output (one [N, classes] tensor)")
     objective = loss_fn(kind, temperature)
 
-    def held_out(stage: str, seconds: float) -> StageResult:
-        got = outputs(converted, samples, hold_idx)
-        rel, agree = figures(got, ref_hold, classifier)
-        with torch.no_grad():
-            value = float(objective(got, ref_hold))
-        return StageResult(stage, rel, agree, value, round(seconds, 4))
+    def held_out(stage: str, since: float) -> StageResult:
+        return stage_result(stage, converted, samples, hold_idx, ref_hold, objective, since)
 
     report = RecoveryReport(len(fit_idx), len(hold_idx), classifier, steps=steps,
                             batch_size=batch_size, lr=lr, temperature=temperature, seed=seed,
                             loss=kind, augment=augment, mixup=mixup, features=features)
-    report.stages.append(held_out("converted", time.perf_counter() - t0))
+    report.stages.append(held_out("converted", t0))
 
     # Stage 1: closed form.
     t1 = time.perf_counter()
@@ -311,7 +301,7 @@ def _recover(converted: nn.Module, original: nn.Module, samples: tuple[Tensor, .
         raise RecoveryInterrupted(STOPPED)
     report.fitted, report.skipped = fit_norms(converted, original, fit, progress=progress,
                                               should_stop=stop)
-    closed = held_out("closed-form", time.perf_counter() - t1)
+    closed = held_out("closed-form", t1)
     report.stages.append(closed)
     best, best_state = closed, _snapshot(converted)
     if closed.loss > report.stages[0].loss:
@@ -343,7 +333,7 @@ def _recover(converted: nn.Module, original: nn.Module, samples: tuple[Tensor, .
         for step in range(1, steps + 1):
             ts = time.perf_counter()
             pick = next(batches)
-            chunk = tuple(t[fit_idx[pick]] for t in samples)
+            chunk = tuple(t[pick] for t in fit)
             if augment:
                 chunk = augment_batch(chunk, order)
             if mixup:
@@ -354,8 +344,8 @@ def _recover(converted: nn.Module, original: nn.Module, samples: tuple[Tensor, .
                 if taps is not None:
                     taps.clear()
                 with torch.no_grad():
-                    ref_now = flat(forward(original, to_model(original, chunk)))
-            got = flat(forward(converted, chunk))
+                    ref_now = float_tensors(forward(original, to_model(original, chunk)))
+            got = float_tensors(forward(converted, chunk))
             ref = [r.to(got[0].device, got[0].dtype) for r in (
                 ref_now if ref_now is not None else [r[pick] for r in ref_fit])]
             value = objective(got, ref)
@@ -369,11 +359,11 @@ def _recover(converted: nn.Module, original: nn.Module, samples: tuple[Tensor, .
             step_time += time.perf_counter() - ts
             detail = ""
             if step % eval_every == 0 or step == steps:
-                current = held_out("distill", time.perf_counter() - t2)
+                current = held_out("distill", t2)
                 if current.loss < best.loss:
                     best, report.best_step, report.kept = current, step, "distill"
                     best_state = _snapshot(converted)
-                detail = _describe(current)
+                detail = f"held-out {current.describe()}"
             report.steps_run = step
             if progress is not None:
                 progress(RecoveryProgress("distill", step, steps, time.perf_counter() - t2,
@@ -387,13 +377,6 @@ def _recover(converted: nn.Module, original: nn.Module, samples: tuple[Tensor, .
     report.stages.append(StageResult("distill", best.relative_error, best.agreement, best.loss,
                                      round(time.perf_counter() - t2, 4)))
     return report
-
-
-def _describe(s: StageResult) -> str:
-    text = f"held-out error {100 * s.relative_error:.3g}%"
-    if s.agreement is not None:
-        text += f", agreement {100 * s.agreement:.1f}%"
-    return text
 
 
 def _calibrate(model: nn.Module, fit: tuple[Tensor, ...],

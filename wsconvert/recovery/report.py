@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -19,7 +19,7 @@ from wsconvert.defaults import (
     RECOVER_STEPS,
 )
 from wsconvert.errors import ConversionError, WsconvertError
-from wsconvert.probes import EvalModes, cast_like, reference_tensor, tensors_in
+from wsconvert.probes import EvalModes, cast_like, float_tensors, reference_tensor, relative_l2
 
 DEFAULT_STEPS = RECOVER_STEPS
 """Distillation steps (see docs/recovery.md for the measurement behind it)."""
@@ -83,6 +83,13 @@ class StageResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def describe(self) -> str:
+        """``error 1.2%, agreement 98.0%`` (no agreement for non-classifier outputs)."""
+        text = f"error {100 * self.relative_error:.3g}%"
+        if self.agreement is not None:
+            text += f", agreement {100 * self.agreement:.1f}%"
+        return text
 
 
 @dataclass(frozen=True)
@@ -163,13 +170,8 @@ class RecoveryReport:
         return next(s for s in self.stages if s.stage == self.kept)
 
     def summary(self) -> str:
-        def fmt(s: StageResult) -> str:
-            text = f"error {100 * s.relative_error:.3g}%"
-            if s.agreement is not None:
-                text += f", agreement {100 * s.agreement:.1f}%"
-            return text
         return (f"recovered on {self.samples_fit} sample(s) ({self.samples_holdout} held out): "
-                f"{fmt(self.before)} -> {fmt(self.after)}")
+                f"{self.before.describe()} -> {self.after.describe()}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"samples_fit": self.samples_fit, "samples_holdout": self.samples_holdout,
@@ -182,10 +184,6 @@ class RecoveryReport:
                 "temperature": self.temperature, "seconds_per_step": self.seconds_per_step,
                 "kept": self.kept, "augment": self.augment, "mixup": self.mixup,
                 "features": self.features}
-
-
-def flat(out: Any) -> list[Tensor]:
-    return [t for t in tensors_in(out) if t.is_floating_point()]
 
 
 def to_model(model: nn.Module, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
@@ -207,7 +205,7 @@ def outputs(model: nn.Module, samples: tuple[Tensor, ...], index: Tensor) -> lis
     with EvalModes(model), torch.no_grad():
         for chunk in chunks(samples, index, CHUNK):
             parts.append([t.detach().double().cpu()
-                          for t in flat(forward(model, to_model(model, chunk)))])
+                          for t in float_tensors(forward(model, to_model(model, chunk)))])
     if not parts or not parts[0]:
         raise ConversionError("the model has no floating-point output to recover")
     return [torch.cat([p[i] for p in parts]) for i in range(len(parts[0]))]
@@ -217,13 +215,25 @@ def is_classifier(outs: list[Tensor]) -> bool:
     return len(outs) == 1 and outs[0].dim() == 2 and outs[0].shape[1] >= 2
 
 
+def stage_result(stage: str, model: nn.Module, samples: tuple[Tensor, ...], index: Tensor,
+                 ref: list[Tensor], objective: Callable[[list[Tensor], list[Tensor]], Tensor],
+                 since: float) -> StageResult:
+    """``model``'s figures on ``samples[index]`` against the original's outputs ``ref`` there:
+    relative error, top-1 agreement (classifier outputs), ``objective``; seconds since ``since``."""
+    got = outputs(model, samples, index)
+    rel, agree = figures(got, ref, is_classifier(ref))
+    with torch.no_grad():
+        value = float(objective(got, ref))
+    return StageResult(stage, rel, agree, value, round(time.perf_counter() - since, 4))
+
+
 def figures(got: list[Tensor], ref: list[Tensor], classifier: bool) -> tuple[float, float | None]:
     if len(got) != len(ref) or any(a.shape != b.shape for a, b in zip(got, ref, strict=True)):
         raise ConversionError("the converted model's outputs differ in number or shape from the "
                               "original's")
     diff = sum(float((a - b).square().sum()) for a, b in zip(got, ref, strict=True))
     norm = sum(float(b.square().sum()) for b in ref)
-    rel = math.sqrt(diff / norm) if norm > 0 else (0.0 if diff == 0 else math.inf)
+    rel = relative_l2(diff, norm)
     agree = None
     if classifier:
         agree = float((got[0].argmax(1) == ref[0].argmax(1)).double().mean())
