@@ -426,7 +426,7 @@ class WeightStandardization(nn.Module):
         # Runs on every evaluation forward: plain dict reads and writes, not Module attribute
         # machinery.
         state = self.__dict__
-        if state["_work"]:
+        if state["_work"] and not self.training:  # a no_grad forward in training keeps it
             state["_work"] = []
         tensors = (weight, self._parameters.get("gain"), self._buffers.get("gamma"),
                    self._buffers.get("beta"))
