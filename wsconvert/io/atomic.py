@@ -271,7 +271,6 @@ class OutputSet:
     def __init__(self, *, force: bool = False, protect: Sequence[Protected] = ()) -> None:
         self.force = force
         self.protect = list(protect)
-        self.targets: list[Path] = []
         self._write: dict[Path, Path] = {}
         self._claimed: dict[tuple[Any, ...], str] = {}
         self._staging: dict[Path, Path] = {}
@@ -291,7 +290,6 @@ class OutputSet:
         write = check_output(target, force=self.force, protect=self.protect, name=name,
                              replace=replace)
         self._claim(target, write, name)
-        self.targets.append(target)
         self._write[target] = write
         return target
 
