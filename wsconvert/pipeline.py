@@ -483,7 +483,8 @@ def fold_and_export(checkpoint: PathLike, output: PathLike | None = None, *,
     gate_args = {"report": report, "junit": junit, "save_failing": save_failing,
                  "inputs": inputs, "batch_sizes": batch_sizes,
                  "min_top1_agreement": min_top1_agreement,
-                 "locate": None if locate == "on_failure" else locate}
+                 "locate": None if locate == "on_failure" else locate,
+                 "image_size": image_size, "mean": mean, "std": std}
     protect = _inputs(checkpoint=checkpoint, from_ws=from_ws, inputs=inputs)
     with OutputSet(force=force, protect=protect) as outputs:
         target = Path(output) if output is not None else default_output(checkpoint, ".folded.pt")

@@ -160,6 +160,12 @@ def test_gate_on_an_image_folder(cli: Cli, ws_ckpt: Path) -> None:
     # Image options without a folder, a bad mean, mixed sizes without --image-size: exit 2.
     cli.assert_bad(["check", "net.onnx", "--against", ws_ckpt, "-m", "wsnets:build",
                     "--image-size", "16"], "--image-size", cwd=cwd)
+    # fold: image options without the gate they feed (no --onnx, or --no-check) are refused.
+    cli.assert_bad(["fold", ws_ckpt, "-m", "wsnets:build", "-o", "unused.pt", "--image-size",
+                    "16"], "--image-size need the parity check", cwd=cwd)
+    cli.assert_bad(["fold", ws_ckpt, "-m", "wsnets:build", "-o", "unused.pt", "--onnx",
+                    "unused.onnx", "--no-check", "--mean", "0.5,0.5,0.5"],
+                   "--mean need the parity check", cwd=cwd)
     cli.assert_bad(["check", "net.onnx", "--against", ws_ckpt, "-m", "wsnets:build", "--inputs",
                     "imgs", "--image-size", "16", "--mean", "0.5,x"], "--mean", cwd=cwd)
     Image.fromarray(np.zeros((30, 30, 3), dtype=np.uint8)).save(cwd / "imgs" / "5.png")
