@@ -541,3 +541,15 @@ def test_exact_init_gradient_with_a_mean_larger_than_the_spread(offset: float) -
     ref = w.detach().double().requires_grad_()
     (copy.deepcopy(p).double().reference(ref) * g.double()).sum().backward()
     torch.testing.assert_close(w.grad.double(), ref.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_no_grad_forward_in_training_keeps_the_workspace() -> None:
+    layer, p = _eval_layer()
+    layer.train()
+    layer(torch.randn(1, 4, 6, 6)).sum().backward()
+    (work,) = p._work
+    with torch.no_grad():  # a validation pass without model.eval()
+        layer(torch.randn(1, 4, 6, 6))
+    assert p._work and p._work[-1] is work
+    layer.eval()
+    assert not p._work  # evaluation frees it
