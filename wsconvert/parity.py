@@ -473,10 +473,12 @@ def onnx_inputs(path: str | os.PathLike[str]) -> list[tuple[str, list[int | str]
 
 
 def graph_input_shapes(onnx_path: str | os.PathLike[str],
-                       input_shape: str | Sequence[str] | None = None) -> tuple[
-                           list[tuple[int, ...]], bool]:
+                       input_shape: str | Sequence[str] | None = None, *,
+                       graph_inputs: list[tuple[str, list[int | str]]] | None = None
+                       ) -> tuple[list[tuple[int, ...]], bool]:
     """The shapes to check (``input_shape`` parsed, else the graph's with a symbolic batch as 1)
-    and whether the graph's batch is dynamic.
+    and whether the graph's batch is dynamic. ``graph_inputs``: :func:`onnx_inputs` of the file,
+    when the caller has read it already.
 
     Raises:
         CheckpointError: not a readable ONNX file.
@@ -484,7 +486,8 @@ def graph_input_shapes(onnx_path: str | os.PathLike[str],
     """
     from wsconvert.io.inputs import parse_shapes
 
-    graph_inputs = onnx_inputs(onnx_path)
+    if graph_inputs is None:
+        graph_inputs = onnx_inputs(onnx_path)
     dynamic = bool(graph_inputs) and all(isinstance(dims[0], str) for _, dims in graph_inputs
                                          if dims)
     if input_shape:

@@ -385,7 +385,7 @@ def gate(onnx_file: PathLike, against: PathLike, *, model: str | None = None,
                          save_failing, min_top1_agreement, locate, image_size, mean, std)
         check_file(onnx_path)
         graph_inputs = onnx_inputs(onnx_path)
-        shapes, dynamic = graph_input_shapes(onnx_path, input_shape)
+        shapes, dynamic = graph_input_shapes(onnx_path, input_shape, graph_inputs=graph_inputs)
         if len(shapes) != len(graph_inputs) and inputs is None:
             raise UsageError(f"{onnx_path} takes {len(graph_inputs)} input(s), got {len(shapes)} "
                              "`input_shape`")
