@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from wsconvert._gate import GatePlan, fold_reference, gate_inputs
+from wsconvert._gate import fold_reference, gate_inputs, plan_gate
 from wsconvert.defaults import GATE_ATOL, GATE_RTOL, GATE_SEEDS
 from wsconvert.errors import UsageError
 from wsconvert.io.atomic import OutputSet
@@ -26,11 +26,9 @@ from wsconvert.io.inputs import InputSet
 from wsconvert.parity import (
     LocateMode,
     ParityReport,
-    check_locate_options,
     check_parity,
     graph_input_shapes,
 )
-from wsconvert.validate import check_gate_options, parse_batch_sizes
 
 __all__ = ["assert_parity"]
 
@@ -111,21 +109,16 @@ def assert_parity(onnx_path: str | os.PathLike[str],
     Example:
         >>> report = assert_parity("model.onnx", "model.ws.pt", atol=1e-5)  # doctest: +SKIP
     """
-    check_gate_options(seeds, atol, rtol)
-    check_locate_options(min_top1_agreement, locate)
     given = None if inputs is None else _input_sets(inputs)
-    plan = GatePlan(seeds, parse_batch_sizes(batch_sizes),
-                    None if inputs is None or given is not None else Path(inputs), atol, rtol,
-                    None, None, None)
-    shapes, dynamic = graph_input_shapes(
-        onnx_path, None if input_shape is None else _shape_texts(input_shape))
-    net = _reference(reference, model, model_kwargs).eval()
-    folded = fold_reference(net)
-    if given is not None:
-        sets = given
-    else:
-        with OutputSet() as nothing_written:  # assert_parity writes no file
-            sets = gate_inputs(plan, nothing_written, shapes, dynamic)
+    with OutputSet() as nothing_written:  # assert_parity writes no file
+        plan = plan_gate(nothing_written, seeds, batch_sizes,
+                         None if inputs is None or given is not None else Path(inputs), atol,
+                         rtol, None, None, None, min_top1_agreement, locate)
+        shapes, dynamic = graph_input_shapes(
+            onnx_path, None if input_shape is None else _shape_texts(input_shape))
+        net = _reference(reference, model, model_kwargs).eval()
+        folded = fold_reference(net)
+        sets = given if given is not None else gate_inputs(plan, nothing_written, shapes, dynamic)
     report = check_parity(onnx_path, net, sets, folded=folded, atol=atol, rtol=rtol,
                           min_top1_agreement=min_top1_agreement, locate=locate)
     if not report.passed():
