@@ -9,6 +9,7 @@ from torch import nn
 from wsconvert import apply_ws
 from wsconvert.errors import ConversionError, UsageError
 from wsconvert.surgery import restore_ws, ws_layer_configs, ws_layers
+from wsconvert.ws import WeightStandardization
 
 
 class MyConv(nn.Conv2d):
@@ -81,8 +82,12 @@ def test_refusals() -> None:
         apply_ws(_net(), "nope")
     with pytest.raises(UsageError, match="init"):
         apply_ws(_net(), init="nope")
-    with pytest.raises(UsageError, match="eps"):
-        apply_ws(_net(), eps=float("nan"))
+    for eps in (float("nan"), -1e-12, float("inf")):
+        with pytest.raises(UsageError, match="eps must be a finite number >= 0"):
+            apply_ws(_net(), eps=eps)
+        with pytest.raises(UsageError, match="eps must be a finite number >= 0"):
+            WeightStandardization(torch.ones(2, 3, 3, 3), eps=eps)
+    apply_ws(_net(), eps=0.0)  # the edge: 0 is allowed
     bad = _net()
     bad[0].weight.data[0, 0, 0, 0] = float("nan")
     with pytest.raises(ConversionError, match="NaN or inf"):

@@ -35,6 +35,7 @@ from wsconvert.errors import UsageError
 __all__ = [
     "CONVENTIONS",
     "Convention",
+    "check_eps",
     "fan_in",
     "from_rows",
     "get_convention",
@@ -84,6 +85,17 @@ CONVENTIONS: dict[str, Convention] = {
         Convention("aws", 1e-5, True, True, False, "mmcv ConvAWS2d (DetectoRS), before its affine"),
     )
 }
+
+
+def check_eps(eps: float) -> float:
+    """``eps`` as a float, if it is a finite number >= 0.
+
+    Raises:
+        UsageError: anything else (negative, NaN, inf).
+    """
+    if not (math.isfinite(eps) and eps >= 0):
+        raise UsageError(f"eps must be a finite number >= 0, got {eps!r}")
+    return float(eps)
 
 
 def get_convention(name: str) -> Convention:

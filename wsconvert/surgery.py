@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, cast
@@ -17,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from wsconvert.conventions import fan_in, get_convention
+from wsconvert.conventions import check_eps, fan_in, get_convention
 from wsconvert.errors import ConversionError, UsageError
 from wsconvert.foreign import (
     FOREIGN_WS_CLASSES,
@@ -231,8 +230,8 @@ def apply_ws(model: nn.Module, convention: str = "paper", eps: float | None = No
     spec = get_convention(convention)
     if init not in INIT_MODES:
         raise UsageError(f"unknown init {init!r}; choose one of: {', '.join(INIT_MODES)}")
-    if eps is not None and not (math.isfinite(eps) and eps >= 0):
-        raise UsageError(f"eps must be a finite number >= 0, got {eps!r}")
+    if eps is not None:
+        check_eps(eps)  # before copying the model (each layer's parametrization checks it too)
     _refuse_existing_ws(model)
     candidates = list(candidate_layers(model))
     if not any(isinstance(m, nn.modules.conv._ConvNd) for _, m in candidates) and not (

@@ -42,6 +42,7 @@ from torch.nn.utils import parametrize
 
 from wsconvert.conventions import (
     Convention,
+    check_eps,
     fan_in,
     from_rows,
     get_convention,
@@ -286,9 +287,7 @@ class WeightStandardization(nn.Module):
         conv = get_convention(convention)
         if init not in INIT_MODES:
             raise UsageError(f"unknown init {init!r}; choose one of: {', '.join(INIT_MODES)}")
-        e = conv.eps if eps is None else float(eps)
-        if not e >= 0.0 or e == float("inf"):
-            raise UsageError(f"eps must be a finite number >= 0, got {eps!r}")
+        e = conv.eps if eps is None else check_eps(eps)
         self.convention = conv.name
         self.eps = e
         self.init = init
