@@ -348,7 +348,8 @@ def _affine(model: nn.Module) -> tuple[bool, bool]:
     from wsconvert.surgery import ws_layers
 
     layers = [p for _, _, p in ws_layers(model)]
-    return (any(p.gain is not None or p.gamma is not None or p.scale != 1.0 for p in layers),
+    # A scale other than 1 (fan-in scaling) always comes with a gain.
+    return (any(p.gain is not None or p.gamma is not None for p in layers),
             any(p.beta is not None for p in layers))
 
 
