@@ -335,12 +335,12 @@ def locate_export(onnx_path: str | os.PathLike[str], model: nn.Module, inputs: I
                   and len(ref_rec[m]) == len(outs)}
     extra = list(dict.fromkeys(o for outs in candidates.values() for o in outs
                                if o not in graph_outputs))
-    probe = onnx.ModelProto()
-    probe.CopyFrom(proto)
+    # The module outputs become graph outputs in place (no second copy of the weights in
+    # memory); ``graph_outputs`` above keeps the file's own list.
     for name in extra:
-        probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+        graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
     try:
-        session = ort.InferenceSession(probe.SerializeToString(),
+        session = ort.InferenceSession(proto.SerializeToString(),
                                        providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
