@@ -553,3 +553,65 @@ def test_no_grad_forward_in_training_keeps_the_workspace() -> None:
     assert p._work and p._work[-1] is work
     layer.eval()
     assert not p._work  # evaluation frees it
+
+
+def _through_torch(layer: nn.Module) -> torch.Tensor:
+    """``layer.weight`` through torch's own ParametrizationList, not the fast getter."""
+    return layer.parametrizations.weight()  # type: ignore[no-any-return, operator]
+
+
+@pytest.mark.parametrize("init", ["plain", "scale", "exact"])
+def test_fast_weight_read_equals_torch_chain_values_and_gradients(init: str) -> None:
+    torch.manual_seed(20)
+    layer = apply_ws(nn.ConvTranspose2d(4, 6, 3, groups=2), "scaled", init=init,
+                     transposed=True).model
+    assert getattr(type(layer).__dict__["weight"].fget, "__wsconvert_fast__", False)
+    fast, slow = layer.weight, _through_torch(layer)
+    assert torch.equal(fast, slow)
+    params = list(layer.parametrizations.weight.parameters())
+    g = torch.randn_like(fast)
+    fast_grads = torch.autograd.grad(fast, params, g)
+    slow_grads = torch.autograd.grad(slow, params, g)
+    for a, b in zip(fast_grads, slow_grads, strict=True):
+        assert torch.equal(a, b)
+    layer.eval()
+    with torch.no_grad():
+        assert torch.equal(layer.weight, _through_torch(layer))
+
+
+class _Double(nn.Module):
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w * 2
+
+
+def test_fast_weight_read_defers_to_torch_for_chains_hooks_and_cached() -> None:
+    torch.manual_seed(21)
+    layer = apply_ws(nn.Conv2d(3, 4, 3), "paper").model
+    p = layer.parametrizations.weight[0]
+    standardized = layer.weight.detach().clone()
+    seen: list[int] = []
+    handle = p.register_forward_hook(lambda mod, args, out: seen.append(1))
+    layer.weight  # noqa: B018 (the read runs the hook)
+    assert seen == [1]
+    handle.remove()
+    parametrize.register_parametrization(layer, "weight", _Double())
+    torch.testing.assert_close(layer.weight, standardized * 2, rtol=0, atol=0)
+    with parametrize.cached():
+        assert layer.weight is layer.weight  # parametrize's own cache holds it
+    torch.testing.assert_close(layer.weight, standardized * 2, rtol=0, atol=0)
+
+
+def test_fast_weight_read_survives_deepcopy_and_goes_with_unregister() -> None:
+    from wsconvert.surgery import unregister_ws
+
+    torch.manual_seed(22)
+    net = apply_ws(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 1)), "timm").model
+    twin = copy.deepcopy(net)
+    with torch.no_grad():
+        twin[0].parametrizations.weight.original.mul_(3).add_(1)
+    assert not torch.equal(twin[0].weight, net[0].weight)
+    torch.testing.assert_close(twin[0].weight, _through_torch(twin[0]), rtol=0, atol=0)
+    torch.testing.assert_close(net[0].weight, _through_torch(net[0]), rtol=0, atol=0)
+    unregister_ws(twin[0])
+    assert type(twin[0]) is nn.Conv2d and isinstance(twin[0].weight, nn.Parameter)
+    torch.testing.assert_close(net[0].weight, _through_torch(net[0]), rtol=0, atol=0)

@@ -28,6 +28,7 @@ from wsconvert.ws import (
     INIT_MODES,
     WeightStandardization,
     layer_weight,
+    register_ws,
     trainable_weight,
     ws_parametrization,
 )
@@ -188,7 +189,7 @@ def _parametrization(module: nn.Module, convention: str, eps: float | None, init
 def _register(module: nn.Module, convention: str, eps: float | None, init: str,
               scaled_gamma: float = 1.0) -> WeightStandardization:
     p = _parametrization(module, convention, eps, init, scaled_gamma)
-    parametrize.register_parametrization(module, "weight", p)
+    register_ws(module, p)
     return p
 
 
@@ -265,7 +266,7 @@ def apply_ws(model: nn.Module, convention: str = "paper", eps: float | None = No
         report.layers.append(LayerRecord(name, _kind(module), shape, fan, "converted",
                                          convention=spec.name, eps=p.eps, init=init))
     for module, p in planned:
-        parametrize.register_parametrization(module, "weight", p)
+        register_ws(module, p)
     if not report.converted:
         reasons = sorted({r.reason for r in report.skipped})
         raise ConversionError("no layer was converted: " + "; ".join(reasons))

@@ -38,6 +38,7 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 from torch import Tensor, nn
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch.nn.modules import module as _torch_module
 from torch.nn.utils import parametrize
 
 from wsconvert.conventions import (
@@ -57,6 +58,7 @@ __all__ = [
     "WeightStandardization",
     "accumulate",
     "layer_weight",
+    "register_ws",
     "trainable_weight",
     "ws_parametrization",
 ]
@@ -94,17 +96,22 @@ class _Standardize(torch.autograd.Function):
     row by row (two sweeps over a row that is still in cache) and also returns ``sum(g * y)``
     and ``sum(g)``, the gradients of ``a`` and ``c``. Only ``z`` is saved.
 
-    ``out``, when given, is a float32/float64 buffer of the rows' shape that receives ``z``
-    (a reused workspace: no fresh allocation, hence no page faults, on every step).
+    It takes and returns the weight in its own layout (the rows are a view inside, so no
+    reshape nodes join the autograd graph). ``out``, when given, is a float32/float64 buffer of
+    the rows' shape that receives ``z`` (a reused workspace: no fresh allocation, hence no page
+    faults, on every step).
     """
 
     @staticmethod
-    def forward(ctx: Any, rows: Tensor, eps: float, unbiased: bool, eps_in_sqrt: bool,
-                scale: Tensor | None, shift: Tensor | None, out: Tensor | None) -> Tensor:
+    def forward(ctx: Any, weight: Tensor, eps: float, unbiased: bool, eps_in_sqrt: bool,
+                transposed: bool, groups: int, scale: Tensor | None, shift: Tensor | None,
+                out: Tensor | None) -> Tensor:
+        rows = to_rows(weight, transposed=transposed, groups=groups)
         x = rows if rows.dtype in _FLOATS else rows.float()
+        if not x.is_contiguous():
+            x = x.contiguous()
         n = x.shape[1]
         b = 1 if unbiased else 0
-        ratio = n / max(n - b, 1)
         # Mean, centre, norm of the centred rows: two reads and a write, exact like a two-pass
         # variance. ``var_mean`` would read once but its Welford kernel is compute-bound on CPU
         # (8x slower here); the sum of squares in one pass cancels catastrophically when
@@ -114,19 +121,15 @@ class _Standardize(torch.autograd.Function):
         norm = torch.linalg.vector_norm(y, dim=1, keepdim=True)
         if eps_in_sqrt:
             s = norm.square_().div_(n - b).add_(eps).rsqrt_()
-            sqrt_r = torch.full_like(s, ratio ** 0.5)
+            sigma = None
         else:
             sigma = norm.div_((n - b) ** 0.5 if n > b else 0.0)
             s = torch.reciprocal(sigma + eps)
-            # sigma == 0 (a constant filter, y == 0) has no derivative; any finite r gives the
-            # subgradient s * (g - mean(g)).
-            r = torch.where(sigma > 0, (sigma + eps).div_(sigma), 1.0).mul_(ratio)
-            sqrt_r = r.sqrt_()
         a = None if scale is None else scale.to(y.dtype).unsqueeze(1)
         c = None if shift is None else shift.to(y.dtype).unsqueeze(1)
-        ctx.dtypes = (rows.dtype, None if scale is None else scale.dtype,
-                      None if shift is None else shift.dtype)
-        o = y.shape[0]
+        ctx.layout = (weight.shape, transposed, groups, weight.dtype,
+                      None if scale is None else scale.dtype,
+                      None if shift is None else shift.dtype, eps, n / max(n - b, 1))
         # z - c gives back a * y to within ulp(c) / |a|: the order of the forward's own centring
         # error, ulp(mu) / sigma (for init="exact", c = mu and a = sigma).
         if a is None or bool((a != 0).all()):
@@ -138,38 +141,47 @@ class _Standardize(torch.autograd.Function):
                 z.mul_(a)
             if c is not None:
                 z.add_(c)
-            invstd = sqrt_r if a is None else sqrt_r / a
-            ctx.save_for_backward(z, s, invstd, sqrt_r, a,
-                                  z.new_zeros(o) if c is None else c.view(o))
+            ctx.gain_in_z = True
+            ctx.save_for_backward(z, s, sigma, a, c)
         else:
             # A zero gain: z no longer determines y, so y is kept (one more tensor).
             y.mul_(s)
-            ctx.save_for_backward(y, s, sqrt_r, sqrt_r, a, y.new_zeros(o))
+            ctx.gain_in_z = False
+            ctx.save_for_backward(y, s, sigma, a, None)
             z = y * a
             if c is not None:
                 z.add_(c)
-        return z if rows.dtype is z.dtype else z.to(rows.dtype)
+        z = z if weight.dtype is z.dtype else z.to(weight.dtype)
+        return from_rows(z, weight.shape, transposed=transposed, groups=groups)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad: Tensor
-                 ) -> tuple[Tensor | None, None, None, None, Tensor | None, Tensor | None, None]:
-        # (xin - mean) * invstd is the normalized row y * sqrt(r) (see forward).
-        xin, s, invstd, sqrt_r, a, mean = ctx.saved_tensors
-        rows_dtype, scale_dtype, shift_dtype = ctx.dtypes
-        g = grad if grad.dtype is xin.dtype else grad.to(xin.dtype)
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        xin, s, sigma, a, c = ctx.saved_tensors
+        shape, transposed, groups, weight_dtype, scale_dtype, shift_dtype, eps, ratio = ctx.layout
         o = xin.shape[0]
+        # sqrt(r): r = k / s (see the class docstring); sigma == 0 (a constant filter, y == 0)
+        # has no derivative, and any finite r gives the subgradient s * (g - mean(g)).
+        if sigma is None:
+            sqrt_r = torch.full_like(s, ratio ** 0.5)
+        else:
+            sqrt_r = torch.where(sigma > 0, (sigma + eps).div_(sigma), 1.0).mul_(ratio).sqrt_()
+        # (xin - mean) * invstd is the normalized row y * sqrt(r).
+        invstd = sqrt_r if a is None or not ctx.gain_in_z else sqrt_r / a
         w = (s / invstd) if a is None else (s * a / invstd)
-        want_a, want_c = ctx.needs_input_grad[4], ctx.needs_input_grad[5]
-        gx, gw, gc = _bn_backward(g.unsqueeze(0), xin.unsqueeze(0), w.view(o), None, None,
-                                  mean, invstd.view(o), True, 0.0,
+        mean = xin.new_zeros(o) if c is None else c.view(o)
+        g = to_rows(grad if grad.dtype is xin.dtype else grad.to(xin.dtype),
+                    transposed=transposed, groups=groups)
+        want_a, want_c = ctx.needs_input_grad[6], ctx.needs_input_grad[7]
+        gx, gw, gc = _bn_backward(g.contiguous().unsqueeze(0), xin.unsqueeze(0), w.view(o),
+                                  None, None, mean, invstd.view(o), True, 0.0,
                                   [ctx.needs_input_grad[0], want_a, want_c])
         if gx is not None:
-            gx = gx.view(xin.shape)
-            gx = gx if gx.dtype is rows_dtype else gx.to(rows_dtype)
+            gx = from_rows(gx.view(xin.shape), shape, transposed=transposed, groups=groups)
+            gx = gx if gx.dtype is weight_dtype else gx.to(weight_dtype)
         ga = gw.div_(sqrt_r.view(o)).to(scale_dtype) if want_a else None
         gc = gc.to(shift_dtype) if want_c else None
-        return gx, None, None, None, ga, gc, None
+        return gx, None, None, None, None, None, ga, gc, None
 
 
 def _no_autocast(device_type: str) -> contextlib.AbstractContextManager[Any]:
@@ -224,29 +236,36 @@ class _OptimizerSteps:
         cls.count += 1
 
 
+def _meta_or_none(t: Tensor | None) -> tuple[Any, ...] | None:
+    return None if t is None else _meta(t)
+
+
 class _Stamp:
     """Exactly which tensor values a cached result was computed from.
 
     Per tensor: a weak reference to its storage (a freed storage invalidates, even if a new one
     later lands at the same address), its address, version counter (bumped by every in-place
-    write: optimizer steps, ``copy_``, ``load_state_dict``), layout, dtype and device.
+    write: optimizer steps, ``copy_``, ``load_state_dict``), layout, dtype and device; and the
+    layer's settings (``extra``).
     """
 
-    __slots__ = ("extra", "meta", "present", "refs")
+    __slots__ = ("key", "refs")
 
     def __init__(self, tensors: tuple[Tensor | None, ...], extra: tuple[Any, ...]) -> None:
-        self.present = tuple(t is not None for t in tensors)
+        self.key = self._key(tensors, extra)
         self.refs = [StorageWeakRef(t.untyped_storage())  # type: ignore[no-untyped-call]
                      for t in tensors if t is not None]
-        self.meta = [_meta(t) for t in tensors if t is not None]
-        self.extra = extra
+
+    @staticmethod
+    def _key(tensors: tuple[Tensor | None, ...], extra: tuple[Any, ...]) -> tuple[Any, ...]:
+        weight, gain, gamma, beta = tensors
+        assert weight is not None
+        return (extra, _meta(weight), _meta_or_none(gain), _meta_or_none(gamma),
+                _meta_or_none(beta))
 
     def matches(self, tensors: tuple[Tensor | None, ...], extra: tuple[Any, ...]) -> bool:
-        if extra != self.extra or self.present != tuple(t is not None for t in tensors):
-            return False
         try:
-            if any(_meta(t) != m for t, m in zip(
-                    (t for t in tensors if t is not None), self.meta, strict=True)):
+            if self._key(tensors, extra) != self.key:
                 return False
         except RuntimeError:  # no storage or no version counter (wrapper, inference tensor)
             return False
@@ -362,53 +381,59 @@ class WeightStandardization(nn.Module):
         return {"convention": self.convention, "eps": self.eps, "init": self.init,
                 "scaled_gamma": self.scaled_gamma}
 
-    def _row_affine(self, rows: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    def _rows_shape(self, weight: Tensor) -> tuple[int, int]:
+        return weight.numel() // self.fan_in, self.fan_in
+
+    def _row_affine(self, weight: Tensor) -> tuple[Tensor | None, Tensor | None]:
         """Per-row multiplier and offset applied after standardizing (``None`` when absent)."""
         # In float32 (or float64) like the statistics: a gain rounded to fp16 before the multiply
         # would put an ulp between the trained forward and the float64 fold.
-        dt = rows.dtype if rows.dtype in (torch.float32, torch.float64) else torch.float32
+        dt = weight.dtype if weight.dtype in _FLOATS else torch.float32
+        gain = self._parameters.get("gain")
+        gamma, beta = self._buffers.get("gamma"), self._buffers.get("beta")
         a: Tensor | None = None
-        if self.gain is not None:
-            a = self.gain.to(dt) * self.scale
+        if gain is not None:
+            a = gain.to(dt) * self.scale
         elif self.scale != 1.0:
-            a = torch.full((rows.shape[0],), self.scale, dtype=dt, device=rows.device)
-        if self.gamma is not None:
-            gamma = self.gamma.to(dt)
+            a = torch.full((self._rows_shape(weight)[0],), self.scale, dtype=dt,
+                           device=weight.device)
+        if gamma is not None:
+            gamma = gamma.to(dt)
             a = gamma if a is None else a * gamma
-        return a, None if self.beta is None else self.beta.to(dt)
+        return a, None if beta is None else beta.to(dt)
 
     def standardize(self, weight: Tensor) -> Tensor:
         """Standardized weight, always computed (ignores :func:`accumulate` and the cache)."""
         return self._compute(weight, reuse=False)
 
-    def _workspace(self, rows: Tensor) -> Tensor | None:
+    def _workspace(self, weight: Tensor) -> Tensor | None:
         """A buffer for the standardized rows that nothing else still uses (CPU only).
 
         A fresh weight-size tensor per layer per step costs page faults on CPU (glibc returns
         freed large blocks to the system); the CUDA caching allocator needs no such help.
         """
-        if (rows.device.type != "cpu" or rows.dtype not in _FLOATS
+        if (weight.device.type != "cpu" or weight.dtype not in _FLOATS
                 or torch.compiler.is_compiling()):
             return None
+        shape = self._rows_shape(weight)
         with _WORKSPACE_LOCK:  # check and take (a new alias holds it) as one step
             for w in self._work:
-                if (w.shape == rows.shape and w.dtype == rows.dtype
-                        and w.device == rows.device and _only_holder(w)):
+                if (w.shape == shape and w.dtype == weight.dtype
+                        and w.device == weight.device and _only_holder(w)):
                     return w.detach()
-            new = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
+            new = torch.empty(shape, dtype=weight.dtype, device=weight.device)
             # At most two: a layer called twice per step (shared weights) reuses both.
             self._work = [*self._work[-1:], new]
             return new.detach()
 
     def _compute(self, weight: Tensor, reuse: bool) -> Tensor:
-        rows = to_rows(weight, transposed=self.transposed, groups=self.groups)
         spec = self.spec
         with _no_autocast(weight.device.type):
-            a, c = self._row_affine(rows)
-            out = self._workspace(rows) if reuse else None
-            y = cast(Tensor, _Standardize.apply(  # type: ignore[no-untyped-call]
-                rows.contiguous(), self.eps, spec.unbiased, spec.eps_in_sqrt, a, c, out))
-        return from_rows(y, weight.shape, transposed=self.transposed, groups=self.groups)
+            a, c = self._row_affine(weight)
+            out = self._workspace(weight) if reuse else None
+            return cast(Tensor, _Standardize.apply(  # type: ignore[no-untyped-call]
+                weight, self.eps, spec.unbiased, spec.eps_in_sqrt, self.transposed,
+                self.groups, a, c, out))
 
     def _records_grad(self, weight: Tensor) -> bool:
         if not torch.is_grad_enabled():
@@ -481,6 +506,46 @@ def ws_parametrization(module: nn.Module) -> WeightStandardization | None:
         if isinstance(p, WeightStandardization):
             return p
     return None
+
+
+def _no_hooks(module: nn.Module) -> bool:
+    return not (module._forward_hooks or module._forward_pre_hooks
+                or _torch_module._global_forward_hooks
+                or _torch_module._global_forward_pre_hooks)
+
+
+def _fast_weight_getter(torch_getter: Callable[[nn.Module], Tensor]
+                        ) -> Callable[[nn.Module], Tensor]:
+    """``module.weight`` for a layer whose only parametrization is WS, without going through
+    ``ParametrizationList`` (a module call and a raising ``hasattr`` probe per read: about half
+    the cost of a cached evaluation read). Anything else goes to torch's own getter: a second
+    parametrization, ``parametrize.cached()``, hooks on the WS module."""
+
+    def weight(self: nn.Module) -> Tensor:
+        plist = self._modules["parametrizations"]._modules["weight"]  # type: ignore[union-attr]
+        assert plist is not None
+        chain = plist._modules
+        original = plist._parameters.get("original")
+        if len(chain) == 1 and original is not None and not parametrize._cache_enabled:
+            p = chain["0"]
+            if type(p) is WeightStandardization and _no_hooks(p):
+                return p.forward(original)
+        return torch_getter(self)
+
+    weight.__wsconvert_fast__ = True  # type: ignore[attr-defined]
+    return weight
+
+
+def register_ws(module: nn.Module, p: WeightStandardization) -> None:
+    """Register ``p`` on ``module.weight`` (torch's ``register_parametrization``), with a faster
+    ``module.weight`` read while WS is the layer's only parametrization."""
+    parametrize.register_parametrization(module, "weight", p)
+    cls = type(module)
+    prop = cls.__dict__.get("weight")
+    if (isinstance(prop, property) and prop.fget is not None
+            and not getattr(prop.fget, "__wsconvert_fast__", False)):
+        fast = property(_fast_weight_getter(prop.fget), prop.fset, prop.fdel)
+        setattr(cls, "weight", fast)  # noqa: B010 (a class attribute mypy cannot see)
 
 
 def layer_weight(module: nn.Module) -> Tensor:
