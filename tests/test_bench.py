@@ -264,3 +264,16 @@ def test_bench_counts_the_gain_sweep() -> None:
     rows = run_bench(config=cfg).settings[0]
     assert rows.row("wsconvert:scaled").passes == 3 + 13
     assert rows.row("wsconvert:bit").passes == 3 + 11
+
+
+def test_cli_bench_ahead_rows() -> None:
+    proc = _cli("bench", "--json", "--input-shape", "3,16,16", "--batch-sizes", "1",
+                "--convention", "paper", "--convention", "timm", "--no-references",
+                "--rounds", "1", "--warmup", "0", "--threads", "1", "--ahead", "--eval")
+    assert proc.returncode == 0, proc.stderr
+    d = json.loads(proc.stdout)
+    forms = ["plain", "wsconvert:paper", "wsconvert:timm", "wsconvert-ahead:paper",
+             "wsconvert-ahead:timm"]
+    assert [[r["form"] for r in s["rows"]] for s in d["settings"]] == [forms, forms]
+    train = {r["form"]: r["passes"] for r in d["settings"][0]["rows"]}
+    assert train["wsconvert-ahead:paper"] == train["wsconvert:paper"] == 14

@@ -11,6 +11,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.utils import parametrize
 
+import wsconvert
 from wsconvert import accumulate, apply_ws
 from wsconvert.conventions import CONVENTIONS, standardize_rows, to_rows
 from wsconvert.ws import WeightStandardization
@@ -615,3 +616,124 @@ def test_fast_weight_read_survives_deepcopy_and_goes_with_unregister() -> None:
     unregister_ws(twin[0])
     assert type(twin[0]) is nn.Conv2d and isinstance(twin[0].weight, nn.Parameter)
     torch.testing.assert_close(net[0].weight, _through_torch(net[0]), rtol=0, atol=0)
+
+
+class _Branchy(nn.Module):
+    """A shared conv used twice, and a conv this forward never runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.shared = nn.Conv2d(6, 6, 3, padding=1)
+        self.unused = nn.Conv2d(6, 6, 1)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        x = torch.relu(self.shared(torch.relu(self.shared(x))))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize(("convention", "init"), [("paper", "plain"), ("scaled", "plain"),
+                                                  ("timm", "exact"), ("aws", "scale")])
+def test_standardize_ahead_gives_bit_identical_values_and_gradients(convention: str,
+                                                                    init: str) -> None:
+    torch.manual_seed(23)
+    lazy = apply_ws(_Branchy(), convention, init=init).model
+    ahead = copy.deepcopy(lazy)
+    wsconvert.standardize_ahead(ahead)
+    x = torch.randn(2, 3, 8, 8)
+    for step in range(2):  # the second step runs on updated weights
+        outs = []
+        for model in (lazy, ahead):
+            model.zero_grad(set_to_none=True)
+            out = model(x)
+            out.square().sum().backward()
+            outs.append(out)
+        assert torch.equal(outs[0], outs[1]), step
+        for (name, a), b in zip(lazy.named_parameters(), ahead.parameters(), strict=True):
+            assert (a.grad is None) == (b.grad is None), name
+            assert a.grad is None or torch.equal(a.grad, b.grad), name
+        with torch.no_grad():
+            for a, b in zip(lazy.parameters(), ahead.parameters(), strict=True):
+                a.sub_(0.1 * a.grad if a.grad is not None else 0.0)
+                b.sub_(0.1 * b.grad if b.grad is not None else 0.0)
+    assert ahead.shared.parametrizations.weight[0]._ahead is None  # consumed
+    assert ahead.unused.parametrizations.weight[0]._ahead is not None  # computed, never used
+    ahead.eval()
+    assert ahead.unused.parametrizations.weight[0]._ahead is None  # evaluation frees it
+
+
+def _backward_order(model: nn.Module, x: torch.Tensor) -> list[str]:
+    """The order of two backward events: a conv's output gradient arriving, its backward next
+    ("conv"), and the WS backward handing the weight gradient to the trainable weight ("ws")."""
+    events: list[str] = []
+
+    def on_output(module: nn.Module, args: object, out: torch.Tensor) -> None:
+        out.register_hook(lambda g: events.append("conv"))  # the conv's backward is next
+
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            m.parametrizations.weight.original.register_post_accumulate_grad_hook(
+                lambda p: events.append("ws"))
+            m.register_forward_hook(on_output)
+    model(x).sum().backward()
+    return events
+
+
+def test_standardize_ahead_runs_the_ws_backward_after_the_convolutions() -> None:
+    torch.manual_seed(24)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(),
+                        nn.Conv2d(4, 2, 3))
+    lazy = apply_ws(net, "paper").model
+    ahead = apply_ws(net, "paper").model
+    wsconvert.standardize_ahead(ahead)
+    x = torch.randn(1, 3, 9, 9)
+    assert _backward_order(lazy, x) == ["conv", "ws"] * 3
+    assert _backward_order(ahead, x) == ["conv"] * 3 + ["ws"] * 3
+
+
+def test_standardize_ahead_recomputes_a_weight_changed_after_the_hook() -> None:
+    torch.manual_seed(25)
+    net = apply_ws(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 1)), "bit").model
+    wsconvert.standardize_ahead(net)
+    original = net[1].parametrizations.weight.original
+
+    def edit(module: nn.Module, args: tuple[torch.Tensor]) -> None:
+        with torch.no_grad():
+            original.mul_(-2).add_(0.5)
+
+    net.register_forward_pre_hook(edit)  # runs after standardize_ahead's hook
+    x = torch.randn(1, 3, 5, 5)
+    out = net(x)
+    expected = nn.functional.conv2d(net[0](x), standardize_rows(
+        original.detach().reshape(4, -1), CONVENTIONS["bit"], 1e-10).reshape(4, 4, 1, 1),
+        net[1].bias)
+    torch.testing.assert_close(out, expected)
+
+
+def test_standardize_ahead_stays_out_of_eval_no_grad_accumulate_and_can_be_removed() -> None:
+    torch.manual_seed(26)
+    net = apply_ws(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 1)), "timm").model
+    wsconvert.standardize_ahead(net)
+    wsconvert.standardize_ahead(net)  # idempotent
+    assert len(net._forward_pre_hooks) == 1
+    ps = [m.parametrizations.weight[0] for m in net]
+    x = torch.randn(1, 3, 5, 5)
+    with torch.no_grad():
+        net(x)
+    net.eval()
+    net(x)
+    assert all(p._ahead is None for p in ps)
+    net.train()
+    twin = copy.deepcopy(net)
+    with wsconvert.accumulate(net):
+        net(x).sum().backward()
+        assert all(p._ahead is None for p in ps)
+    twin(x).sum().backward()  # the copy keeps the hook and standardizes its own weights
+    for a, b in zip(net.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad)
+    wsconvert.standardize_ahead(net, enable=False)
+    assert not net._forward_pre_hooks
+    net(x)
+    assert all(p._ahead is None for p in ps)

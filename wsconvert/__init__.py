@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 _API: dict[str, tuple[str, ...]] = {
     "wsconvert.pipeline": ("convert", "fold_and_export", "gate", "inspect_checkpoint"),
     "wsconvert.surgery": ("apply_ws", "ApplyReport", "LayerRecord"),
-    "wsconvert.ws": ("WeightStandardization", "accumulate"),
+    "wsconvert.ws": ("WeightStandardization", "accumulate", "standardize_ahead"),
     "wsconvert.conventions": ("CONVENTIONS", "standardize_weight"),
     "wsconvert.io.wsfile": ("load", "save", "load_model"),
     "wsconvert.inspection": ("inspect_model",),
@@ -74,6 +74,7 @@ if TYPE_CHECKING:
     from wsconvert.surgery import apply_ws as apply_ws
     from wsconvert.ws import WeightStandardization as WeightStandardization
     from wsconvert.ws import accumulate as accumulate
+    from wsconvert.ws import standardize_ahead as standardize_ahead
 
 
 def __getattr__(name: str) -> Any:

@@ -6,6 +6,8 @@ WS (Qiao et al., arXiv:1903.10520) recomputes every standardized weight on each 
 * ``plain``: the convolutions as they are (the baseline every ratio is taken against);
 * ``wsconvert:<convention>``: :func:`wsconvert.apply_ws` with that convention (with
   ``accumulate > 1`` the micro-batches run inside :func:`wsconvert.accumulate`);
+* ``wsconvert-ahead:<convention>`` (with ``ahead``): the same with
+  :func:`wsconvert.standardize_ahead`;
 * ``seed``: the paper's PyTorch formula (mean, subtract, ``std + 1e-5``, divide) in the conv's
   forward, differentiated by plain autograd;
 * ``timm-bn``: timm ``StdConv2d``'s ``F.batch_norm(w.reshape(1, O, -1), training=True)`` trick.
@@ -104,6 +106,9 @@ class BenchConfig:
             (momentum 0.9) or ``adamw``.
         evaluate: also time one forward pass per form in evaluation mode under
             ``torch.no_grad()`` (a setting with ``mode == "eval"`` after each training one).
+        ahead: also time each convention with :func:`wsconvert.standardize_ahead` (rows
+            ``wsconvert-ahead:<convention>``), to choose between the two on this model and
+            input size.
     """
 
     batch_sizes: tuple[int, ...] = (1, 8)
@@ -119,6 +124,7 @@ class BenchConfig:
     clock: str = "wall"
     optimizer: str = "sgd"
     evaluate: bool = False
+    ahead: bool = False
 
     def validate(self) -> None:
         """Raises:
@@ -156,7 +162,8 @@ class BenchRow:
     """One form's timing in one setting.
 
     Attributes:
-        form: ``plain``, ``wsconvert:<convention>``, ``seed`` or ``timm-bn``.
+        form: ``plain``, ``wsconvert:<convention>``, ``wsconvert-ahead:<convention>``,
+            ``seed`` or ``timm-bn``.
         median_ms: median step time in milliseconds.
         min_ms, max_ms: fastest and slowest measured step.
         ratio: ``median_ms`` over the plain form's.
@@ -441,6 +448,7 @@ def run_bench(model: nn.Module | None = None, config: BenchConfig | None = None,
         ['plain', 'wsconvert:timm']
     """
     from wsconvert.surgery import apply_ws, ws_layers
+    from wsconvert.ws import standardize_ahead
 
     cfg = config or BenchConfig()
     cfg.validate()
@@ -475,6 +483,15 @@ def run_bench(model: nn.Module | None = None, config: BenchConfig | None = None,
             report = apply_ws(plain, conv_name)
             n_ws = max(n_ws, len(report.converted))
             variants.append((f"wsconvert:{conv_name}", report.model, cfg.accumulate > 1))
+        if cfg.ahead:
+            for form, ws_model, use_acc in [v for v in variants if v[0].startswith("wsconvert")]:
+                ahead_model = copy.deepcopy(ws_model)
+                standardize_ahead(ahead_model)
+                variants.append((form.replace("wsconvert", "wsconvert-ahead", 1), ahead_model,
+                                 use_acc))
+            if cfg.accumulate > 1:
+                notes.append("wsconvert-ahead rows: accumulate already standardizes ahead, "
+                             "once per step")
         for ref in cfg.references:
             m = copy.deepcopy(plain)
             if _with_formula(m, _FORMULAS[ref]) == 0:

@@ -97,6 +97,10 @@ def bench_cmd(
     evaluate: Annotated[bool, typer.Option(
         "--eval", help="Also time a forward pass in eval mode under no_grad per batch size.")
     ] = False,
+    ahead: Annotated[bool, typer.Option(
+        "--ahead", help="Also time each convention with wsconvert.standardize_ahead (all "
+        "weights standardized before the first layer, WS backward after the others).")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Measure what WS costs per training step: plain vs WS, with reference formulations.
@@ -109,6 +113,7 @@ def bench_cmd(
     \b
     Example:
       wsconvert bench --batch-sizes 1,8 --threads 2 --eval
+      wsconvert bench --input-shape 3,224,224 --batch-sizes 2 --ahead
       wsconvert bench model.ws.pt --input-shape 3,224,224 --batch-sizes 2 --accumulate 4
     """
     from wsconvert.bench import REFERENCE_FORMS, BenchConfig, run_bench
@@ -137,7 +142,7 @@ def bench_cmd(
                          conventions=conventions,
                          references=() if no_references else REFERENCE_FORMS, rounds=rounds,
                          warmup=warmup, threads=threads, clock=clock, optimizer=optimizer,
-                         evaluate=evaluate)
+                         evaluate=evaluate, ahead=ahead)
     with out.status("measuring..."):
         report = run_bench(net, config, model_name=name)
     payload = report.to_dict()
