@@ -620,12 +620,15 @@ def standardize_ahead(model: nn.Module, enable: bool = True) -> None:
     between). Values and gradients are bit-identical to the default, where each layer
     standardizes when it runs. What changes is when the WS backward runs: after every other
     backward node instead of right after its convolution's, so the weight-size sweeps no longer
-    push the activation gradients out of the cache. That pays when activations are large
-    against the weights (high resolution, detection and segmentation inputs: 1.02x plain
-    instead of 1.05x for the reference net at 224x224 batch 2) and costs when they are small
-    (64x64 batch 1: about 1 ms more per step). ``wsconvert bench --ahead`` measures both on
-    your model and input size. Memory: the weight gradients of all layers are alive together
-    at the end of the backward (one more weight-size set at peak).
+    push the activation gradients out of the cache. On CPU that pays when activations are
+    large against the weights (a GroupNorm ResNet-50 at 224x224 batch 2: 1.06-1.09x plain
+    instead of 1.10-1.15x; the reference net at 224x224 batch 2: 1.02x instead of 1.04-1.07x)
+    and costs when they are small (64x64 batch 1: about 1 ms more per step). Not measured on
+    a GPU. ``wsconvert bench --ahead`` measures both on your model and input size.
+
+    Costs: the weight gradients of all layers are alive together at the end of the backward
+    (one more weight-size set at peak); under ``DistributedDataParallel`` the conv weights'
+    gradients all arrive at the end of the backward, so their all-reduce overlaps less with it.
 
     Only forwards of ``model`` itself trigger it (not calls to its submodules), in training
     mode with gradients recorded, outside ``torch.compile`` and tracing. Idempotent;

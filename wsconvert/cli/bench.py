@@ -42,9 +42,12 @@ def _table(report: dict[str, Any]) -> Any:
                         f"{report['rounds']} rounds ({report['clock']} clock); eval rows: "
                         "forward only, eval mode, no_grad", title_justify="left")
     refs = sorted({k for s in report["settings"] for r in s["rows"] for k in r["vs_references"]})
+    widest = max((len(r["form"]) for s in report["settings"] for r in s["rows"]), default=4)
     for col in ("batch", "mode", "form", "median ms", "min ms", "x plain", "x plain (min)",
                 "x plain (paired)", *(f"x {ref}" for ref in refs), "passes (est.)"):
-        table.add_column(escape(col), justify="left" if col in ("form", "mode") else "right")
+        # The form names whole (other columns wrap their headers first).
+        table.add_column(escape(col), justify="left" if col in ("form", "mode") else "right",
+                         no_wrap=col == "form", min_width=widest if col == "form" else None)
     for setting in report["settings"]:
         for i, r in enumerate(setting["rows"]):
             style = "green" if r["form"].startswith("wsconvert") else ""
