@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -658,10 +659,12 @@ def test_standardize_ahead_gives_bit_identical_values_and_gradients(convention: 
             for a, b in zip(lazy.parameters(), ahead.parameters(), strict=True):
                 a.sub_(0.1 * a.grad if a.grad is not None else 0.0)
                 b.sub_(0.1 * b.grad if b.grad is not None else 0.0)
-    assert ahead.shared.parametrizations.weight[0]._ahead is None  # consumed
-    assert ahead.unused.parametrizations.weight[0]._ahead is not None  # computed, never used
-    ahead.eval()
-    assert ahead.unused.parametrizations.weight[0]._ahead is None  # evaluation frees it
+    unused = ahead.unused.parametrizations.weight[0]
+    during: list[bool] = []
+    ahead.head.register_forward_pre_hook(lambda m, a: during.append(unused._ahead is not None))
+    ahead(x)
+    assert during == [True]  # made ahead, never used by this forward ...
+    assert unused._ahead is None  # ... and dropped when it ends
 
 
 def _backward_order(model: nn.Module, x: torch.Tensor) -> list[str]:
@@ -737,3 +740,103 @@ def test_standardize_ahead_stays_out_of_eval_no_grad_accumulate_and_can_be_remov
     assert not net._forward_pre_hooks
     net(x)
     assert all(p._ahead is None for p in ps)
+
+
+def test_standardize_ahead_with_non_reentrant_checkpointing() -> None:
+    from torch.utils.checkpoint import checkpoint
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = checkpoint(self.conv, x, use_reentrant=False)
+            return self.head(h.mean(dim=(2, 3)))
+
+    torch.manual_seed(27)
+    lazy = apply_ws(Net(), "paper").model
+    ahead = copy.deepcopy(lazy)
+    wsconvert.standardize_ahead(ahead)
+    x = torch.randn(2, 3, 8, 8)
+    for model in (lazy, ahead):
+        model(x).square().sum().backward()
+    for a, b in zip(lazy.parameters(), ahead.parameters(), strict=True):
+        assert torch.equal(a.grad, b.grad)
+
+
+def test_standardize_ahead_never_serves_a_value_outside_the_root_forward() -> None:
+    class Net(nn.Module):  # ``aux`` is called by the training loop, not by forward
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Conv2d(3, 4, 3)
+            self.aux = nn.Conv2d(4, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(x)
+
+    torch.manual_seed(28)
+    net = apply_ws(Net(), "paper").model
+    wsconvert.standardize_ahead(net)
+    opt = torch.optim.SGD(net.parameters(), lr=0.5, fused=True)  # bumps no version counter
+    for q in net.parameters():
+        q.grad = torch.randn_like(q)
+    h = net(torch.randn(1, 3, 6, 6))
+    opt.step()
+    aux = net.aux.parametrizations.weight
+    torch.testing.assert_close(net.aux.weight, standardize_rows(
+        aux.original.detach().reshape(4, -1), CONVENTIONS["paper"], 1e-5).reshape(4, 4, 1, 1))
+    net.aux(h).sum().backward()  # through the current weights' graph
+
+
+def test_ws_reads_gain_gamma_beta_however_they_are_registered() -> None:
+    torch.manual_seed(29)
+    net = apply_ws(nn.Sequential(nn.Conv2d(3, 4, 3)), "paper", init="exact").model
+    p = net[0].parametrizations.weight[0]
+    before = net[0].weight.detach().clone()
+    p.gamma = nn.Parameter(p.gamma.clone())  # learn the exact-init affine
+    p.beta = nn.Parameter(p.beta.clone())
+    torch.testing.assert_close(net[0].weight, before, rtol=0, atol=0)
+    net[0].weight.sum().backward()
+    assert p.gamma.grad is not None and p.beta.grad is not None
+    with torch.no_grad():
+        p.gamma.mul_(2)
+    net.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(net[0].weight, p.reference(
+            net[0].parametrizations.weight.original))
+    scaled = apply_ws(nn.Sequential(nn.Conv2d(3, 4, 3)), "scaled").model
+    q = scaled[0].parametrizations.weight[0]
+    parametrize.register_parametrization(q, "gain", _Double())  # a parametrized gain
+    expected = _through_torch(scaled[0])
+    torch.testing.assert_close(scaled[0].weight, expected, rtol=0, atol=0)
+    torch.testing.assert_close(scaled[0].weight, 2 * standardize_rows(  # gain 1, doubled
+        scaled[0].parametrizations.weight.original.detach().reshape(4, -1),
+        CONVENTIONS["scaled"], 1e-6).reshape(4, 3, 3, 3))
+
+
+def test_fast_weight_read_runs_every_hook_torch_would() -> None:
+    torch.manual_seed(30)
+    layer = apply_ws(nn.Conv2d(3, 4, 3), "paper").model
+    plist = layer.parametrizations.weight
+    seen: list[str] = []
+    h1 = plist.register_forward_hook(lambda m, a, o: seen.append("list"))
+    layer.weight  # noqa: B018
+    h1.remove()
+    h2 = plist[0].register_full_backward_hook(lambda m, gi, go: seen.append("backward"))
+    layer.weight.sum().backward()
+    h2.remove()
+    assert seen == ["list", "backward"]
+
+
+def test_a_saved_model_carries_no_standardize_ahead_hook(tmp_path: Path) -> None:
+    torch.manual_seed(31)
+    net = apply_ws(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1)), "tf").model
+    wsconvert.standardize_ahead(net)
+    wsconvert.save(net, tmp_path / "m.ws.pt")
+    assert len(net._forward_pre_hooks) == 1 and len(net._forward_hooks) == 1  # left as it was
+    again = wsconvert.load(tmp_path / "m.ws.pt", trust=True)
+    assert not again._forward_pre_hooks and not again._forward_hooks
+    x = torch.randn(1, 3, 6, 6)
+    torch.testing.assert_close(again(x), net.eval()(x), rtol=0, atol=0)

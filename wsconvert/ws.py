@@ -404,6 +404,17 @@ class WeightStandardization(nn.Module):
         return {"convention": self.convention, "eps": self.eps, "init": self.init,
                 "scaled_gamma": self.scaled_gamma}
 
+    def _part(self, name: str) -> Tensor | None:
+        """``gain``, ``gamma`` or ``beta``: direct dict reads where they are (this runs on every
+        forward), else the attribute (a user may re-register one as a Parameter, or put a
+        parametrization on it)."""
+        params, buffers = self._parameters, self._buffers
+        if name in params:
+            return params[name]
+        if name in buffers:
+            return buffers[name]
+        return cast(Tensor | None, getattr(self, name, None))
+
     def _rows_shape(self, weight: Tensor) -> tuple[int, int]:
         return weight.numel() // self.fan_in, self.fan_in
 
@@ -412,8 +423,7 @@ class WeightStandardization(nn.Module):
         # In float32 (or float64) like the statistics: a gain rounded to fp16 before the multiply
         # would put an ulp between the trained forward and the float64 fold.
         dt = weight.dtype if weight.dtype in _FLOATS else torch.float32
-        gain = self._parameters.get("gain")
-        gamma, beta = self._buffers.get("gamma"), self._buffers.get("beta")
+        gain, gamma, beta = self._part("gain"), self._part("gamma"), self._part("beta")
         a: Tensor | None = None
         if gain is not None:
             a = gain.to(dt) * self.scale
@@ -459,8 +469,10 @@ class WeightStandardization(nn.Module):
                 self.groups, a, c, out))
 
     def _inputs(self, weight: Tensor) -> tuple[Tensor | None, ...]:
-        return (weight, self._parameters.get("gain"), self._buffers.get("gamma"),
-                self._buffers.get("beta"))
+        params, buffers = self._parameters, self._buffers  # direct reads where they are
+        return (weight, params["gain"] if "gain" in params else self._part("gain"),
+                buffers["gamma"] if "gamma" in buffers else self._part("gamma"),
+                buffers["beta"] if "beta" in buffers else self._part("beta"))
 
     def _settings(self) -> tuple[Any, ...]:
         return (_OptimizerSteps.count, self.convention, self.eps, self.scale, self.transposed,
@@ -479,6 +491,9 @@ class WeightStandardization(nn.Module):
         state["_ahead"] = None  # release the workspace first
         state["_cache"] = None
         tensors = self._inputs(weight)
+        if not _plain_tensors(tensors) or forward_ad._current_level >= 0:
+            return  # sharded (DTensor), wrapped or dual tensors: the layer computes its own
+        _OptimizerSteps.watch()
         value = self._compute(weight, reuse=True)
         state["_ahead"] = (_Stamp(tensors, self._settings()), value)
 
@@ -489,8 +504,7 @@ class WeightStandardization(nn.Module):
             return True
         # Direct dict reads: this runs on every forward.
         return any(t is not None and t.requires_grad
-                   for t in (self._parameters.get("gain"), self._buffers.get("gamma"),
-                             self._buffers.get("beta")))
+                   for t in (self._part("gain"), self._part("gamma"), self._part("beta")))
 
     def _cached(self, weight: Tensor) -> Tensor:
         """The standardized weight, recomputed only when an input changed (no gradient)."""
@@ -527,7 +541,11 @@ class WeightStandardization(nn.Module):
             ahead = state["_ahead"]
             if ahead is not None:
                 state["_ahead"] = None
-                if ahead[0].matches(self._inputs(weight), self._settings()):
+                # Inside a region whose saved tensors are packed by hooks (non-reentrant
+                # activation checkpointing), the recomputation must save what the first pass
+                # saved: the layer standardizes for itself both times.
+                if (_saved_tensor_hooks() is None
+                        and ahead[0].matches(self._inputs(weight), self._settings())):
                     return cast(Tensor, ahead[1])
             return self._compute(weight, reuse=True)
         return self._cached(weight)
@@ -560,9 +578,15 @@ def ws_parametrization(module: nn.Module) -> WeightStandardization | None:
 
 
 def _no_hooks(module: nn.Module) -> bool:
-    return not (module._forward_hooks or module._forward_pre_hooks
-                or _torch_module._global_forward_hooks
-                or _torch_module._global_forward_pre_hooks)
+    """No forward or backward hook on ``module``."""
+    return not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+def _no_global_hooks() -> bool:
+    return not (_torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks
+                or _torch_module._global_backward_hooks
+                or _torch_module._global_backward_pre_hooks)
 
 
 def _fast_weight_getter(torch_getter: Callable[[nn.Module], Tensor]
@@ -570,7 +594,7 @@ def _fast_weight_getter(torch_getter: Callable[[nn.Module], Tensor]
     """``module.weight`` for a layer whose only parametrization is WS, without going through
     ``ParametrizationList`` (a module call and a raising ``hasattr`` probe per read: about half
     the cost of a cached evaluation read). Anything else goes to torch's own getter: a second
-    parametrization, ``parametrize.cached()``, hooks on the WS module."""
+    parametrization, ``parametrize.cached()``, any module hook that torch's path would run."""
 
     def weight(self: nn.Module) -> Tensor:
         plist = self._modules["parametrizations"]._modules["weight"]  # type: ignore[union-attr]
@@ -579,7 +603,8 @@ def _fast_weight_getter(torch_getter: Callable[[nn.Module], Tensor]
         original = plist._parameters.get("original")
         if len(chain) == 1 and original is not None and not parametrize._cache_enabled:
             p = chain["0"]
-            if type(p) is WeightStandardization and _no_hooks(p):
+            if (type(p) is WeightStandardization and _no_hooks(p) and _no_hooks(plist)
+                    and _no_global_hooks()):
                 return p.forward(original)
         return torch_getter(self)
 
@@ -599,17 +624,39 @@ def register_ws(module: nn.Module, p: WeightStandardization) -> None:
         setattr(cls, "weight", fast)  # noqa: B010 (a class attribute mypy cannot see)
 
 
+def _saved_tensor_hooks() -> Any:
+    """The innermost saved-tensor hooks in force (``None`` when there are none)."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return None if top is None else top(False)
+
+
+def _ahead_layers(root: nn.Module) -> Iterator[tuple[WeightStandardization, Tensor]]:
+    """The WS layers of ``root`` whose only parametrization is WS, with their stored weight."""
+    for module in root.modules():
+        plists = module._modules.get("parametrizations")
+        plist = None if plists is None else plists._modules.get("weight")
+        if plist is None or len(plist._modules) != 1:
+            continue
+        p = plist._modules["0"]
+        original = plist._parameters.get("original")
+        if type(p) is WeightStandardization and original is not None:
+            yield p, original
+
+
 def _standardize_ahead_hook(root: nn.Module, args: Any) -> None:
     if (not root.training or not torch.is_grad_enabled() or torch.compiler.is_compiling()
             or torch._C._get_tracing_state() is not None):
         return
-    for module in root.modules():
-        p = ws_parametrization(module)
-        if p is None or not p.training or p._accum is not None:
-            continue
-        weight = cast(Tensor, cast(nn.ModuleDict, module.parametrizations)["weight"].original)
-        if p._records_grad(weight):
+    for p, weight in _ahead_layers(root):
+        if p.training and p._accum is None and p._records_grad(weight):
             p.prefetch(weight)
+
+
+def _standardize_ahead_done(root: nn.Module, args: Any, output: Any) -> None:
+    # A value the forward did not use (a skipped branch, an exception midway) is not kept, and
+    # a layer called after the forward (outside it) standardizes for itself.
+    for p, _ in _ahead_layers(root):
+        p._ahead = None
 
 
 def standardize_ahead(model: nn.Module, enable: bool = True) -> None:
@@ -617,8 +664,10 @@ def standardize_ahead(model: nn.Module, enable: bool = True) -> None:
 
     A forward pre-hook on ``model`` runs all the layers' standardizations, with autograd, before
     the first layer; each layer then uses its value (recomputing only if its weight changed in
-    between). Values and gradients are bit-identical to the default, where each layer
-    standardizes when it runs. What changes is when the WS backward runs: after every other
+    between), and a forward hook drops what the forward did not use. Values are bit-identical
+    to the default, where each layer standardizes when it runs, and so are gradients when the
+    stored weight has no other use (otherwise autograd may sum the contributions in another
+    order: rounding-level differences). What changes is when the WS backward runs: after every other
     backward node instead of right after its convolution's, so the weight-size sweeps no longer
     push the activation gradients out of the cache. On CPU that pays when activations are
     large against the weights (a GroupNorm ResNet-50 at 224x224 batch 2: 1.06-1.09x plain
@@ -631,24 +680,27 @@ def standardize_ahead(model: nn.Module, enable: bool = True) -> None:
     gradients all arrive at the end of the backward, so their all-reduce overlaps less with it.
 
     Only forwards of ``model`` itself trigger it (not calls to its submodules), in training
-    mode with gradients recorded, outside ``torch.compile`` and tracing. Idempotent;
-    ``enable=False`` removes it.
+    mode with gradients recorded, outside ``torch.compile`` and tracing, for layers whose only
+    parametrization is WS. Layers inside a non-reentrant activation-checkpointed region, and
+    in a submodule compiled on its own, standardize for themselves (the value made ahead is
+    wasted: compile the whole model instead). Idempotent; ``enable=False`` removes it.
 
     Example:
         >>> model = wsconvert.apply_ws(net).model       # doctest: +SKIP
         >>> wsconvert.standardize_ahead(model)          # doctest: +SKIP
     """
-    hooks = model._forward_pre_hooks
-    registered = [k for k, h in hooks.items() if h is _standardize_ahead_hook]
-    if enable and not registered:
+    pre = [k for k, h in model._forward_pre_hooks.items() if h is _standardize_ahead_hook]
+    post = [k for k, h in model._forward_hooks.items() if h is _standardize_ahead_done]
+    if enable and not pre:
         model.register_forward_pre_hook(_standardize_ahead_hook)
+        model.register_forward_hook(_standardize_ahead_done, always_call=True)
     elif not enable:
-        for key in registered:
-            del hooks[key]
-        for module in model.modules():
-            p = ws_parametrization(module)
-            if p is not None:
-                p._ahead = None
+        for key in pre:
+            del model._forward_pre_hooks[key]
+        for key in post:
+            del model._forward_hooks[key]
+            model._forward_hooks_always_called.pop(key, None)
+        _standardize_ahead_done(model, (), None)
 
 
 def layer_weight(module: nn.Module) -> Tensor:

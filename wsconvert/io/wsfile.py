@@ -49,6 +49,7 @@ from wsconvert.io.state import (
 )
 from wsconvert.norms import restore_group_norm
 from wsconvert.surgery import restore_ws, unregister_ws, ws_layer_configs, ws_layers
+from wsconvert.ws import standardize_ahead
 
 __all__ = ["FORMAT_VERSION", "TRANSFORMS", "LoadedModel", "check_finite", "is_ws_checkpoint",
            "load", "load_model", "save"]
@@ -326,6 +327,7 @@ def ws_payload(model: nn.Module) -> dict[str, Any]:
                                "arch": arch, "ws_layers": configs}
     if arch["kind"] == "pickle":
         base = copy.deepcopy(model)
+        standardize_ahead(base, enable=False)  # a training setting, not part of the model
         for name, module in base.named_modules():
             if name in configs:
                 unregister_ws(module)
