@@ -840,3 +840,19 @@ def test_a_saved_model_carries_no_standardize_ahead_hook(tmp_path: Path) -> None
     assert not again._forward_pre_hooks and not again._forward_hooks
     x = torch.randn(1, 3, 6, 6)
     torch.testing.assert_close(again(x), net.eval()(x), rtol=0, atol=0)
+
+
+def test_a_functorch_transform_leaves_no_wrapped_tensor_in_the_workspace() -> None:
+    from wsconvert.ws import _is_functorch_wrapped
+
+    torch.manual_seed(32)
+    net = copy.deepcopy(apply_ws(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(),
+                                               nn.Conv2d(4, 2, 3)), "paper").model)
+    wsconvert.standardize_ahead(net)
+    x = torch.randn(2, 3, 8, 8)
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    with pytest.raises(RuntimeError, match="functorch"):  # no setup_context: not supported
+        torch.func.grad(lambda p: functional_call(net, p, (x,)).sum())(params)
+    p = net[0].parametrizations.weight[0]
+    assert not any(_is_functorch_wrapped(w) for w in p._work)
+    net(x).sum().backward()  # the next ordinary step runs

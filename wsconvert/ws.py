@@ -446,8 +446,8 @@ class WeightStandardization(nn.Module):
         freed large blocks to the system); the CUDA caching allocator needs no such help.
         """
         if (weight.device.type != "cpu" or weight.dtype not in _FLOATS
-                or torch.compiler.is_compiling()):
-            return None
+                or torch.compiler.is_compiling() or not _plain_tensors((weight,))):
+            return None  # never a buffer made inside a transform or of a tensor subclass
         shape = self._rows_shape(weight)
         with _WORKSPACE_LOCK:  # check and take (a new alias holds it) as one step
             for w in self._work:
