@@ -643,9 +643,13 @@ def _ahead_layers(root: nn.Module) -> Iterator[tuple[WeightStandardization, Tens
             yield p, original
 
 
+def _ahead_wanted(root: nn.Module) -> bool:
+    return (root.training and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and torch._C._get_tracing_state() is None)
+
+
 def _standardize_ahead_hook(root: nn.Module, args: Any) -> None:
-    if (not root.training or not torch.is_grad_enabled() or torch.compiler.is_compiling()
-            or torch._C._get_tracing_state() is not None):
+    if not _ahead_wanted(root):
         return
     for p, weight in _ahead_layers(root):
         if p.training and p._accum is None and p._records_grad(weight):
@@ -655,6 +659,11 @@ def _standardize_ahead_hook(root: nn.Module, args: Any) -> None:
 def _standardize_ahead_done(root: nn.Module, args: Any, output: Any) -> None:
     # A value the forward did not use (a skipped branch, an exception midway) is not kept, and
     # a layer called after the forward (outside it) standardizes for itself.
+    if _ahead_wanted(root):  # else the pre-hook made nothing (evaluation costs nothing here)
+        _drop_ahead(root)
+
+
+def _drop_ahead(root: nn.Module) -> None:
     for p, _ in _ahead_layers(root):
         p._ahead = None
 
@@ -700,7 +709,7 @@ def standardize_ahead(model: nn.Module, enable: bool = True) -> None:
         for key in post:
             del model._forward_hooks[key]
             model._forward_hooks_always_called.pop(key, None)
-        _standardize_ahead_done(model, (), None)
+        _drop_ahead(model)
 
 
 def layer_weight(module: nn.Module) -> Tensor:
