@@ -856,3 +856,39 @@ def test_a_functorch_transform_leaves_no_wrapped_tensor_in_the_workspace() -> No
     p = net[0].parametrizations.weight[0]
     assert not any(_is_functorch_wrapped(w) for w in p._work)
     net(x).sum().backward()  # the next ordinary step runs
+
+
+def test_standardize_ahead_keeps_module_hooks_and_saved_tensor_hooks_working(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import wsconvert.ws as ws_module
+
+    torch.manual_seed(33)
+    net = apply_ws(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3)), "paper").model
+    wsconvert.standardize_ahead(net)
+    x = torch.randn(1, 3, 8, 8)
+    fired: list[str] = []
+    handle = net[0].parametrizations.weight[0].register_full_backward_hook(
+        lambda m, gi, go: fired.append("ws"))
+    net(x).sum().backward()
+    assert fired == ["ws"]
+    handle.remove()
+    calls: list[int] = []
+    real = ws_module._standardize
+    monkeypatch.setattr(ws_module, "_standardize", lambda *a: calls.append(1) or real(*a))
+    with torch.autograd.graph.save_on_cpu():
+        net(x).sum().backward()
+    assert len(calls) == 2  # once per layer, not once ahead and again in the layer
+    calls.clear()
+    net(x).sum().backward()
+    assert len(calls) == 2
+
+
+def test_save_strips_standardize_ahead_from_submodules(tmp_path: Path) -> None:
+    torch.manual_seed(34)
+    net = apply_ws(nn.Sequential(nn.Sequential(nn.Conv2d(3, 4, 3)), nn.Conv2d(4, 2, 1)),
+                   "bit").model
+    wsconvert.standardize_ahead(net[0])  # on the backbone only
+    wsconvert.save(net, tmp_path / "m.ws.pt")
+    again = wsconvert.load(tmp_path / "m.ws.pt", trust=True)
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in again.modules())
+    assert net[0]._forward_pre_hooks  # the caller's model keeps its setting

@@ -469,8 +469,11 @@ class WeightStandardization(nn.Module):
                 self.groups, a, c, out))
 
     def _inputs(self, weight: Tensor) -> tuple[Tensor | None, ...]:
-        params, buffers = self._parameters, self._buffers  # direct reads where they are
-        return (weight, params["gain"] if "gain" in params else self._part("gain"),
+        params, buffers, attrs = self._parameters, self._buffers, self.__dict__
+        # Direct reads where they are (no gain: a plain ``None`` attribute).
+        gain = attrs["gain"] if "gain" in attrs else (
+            params["gain"] if "gain" in params else self._part("gain"))
+        return (weight, gain,
                 buffers["gamma"] if "gamma" in buffers else self._part("gamma"),
                 buffers["beta"] if "beta" in buffers else self._part("beta"))
 
@@ -639,13 +642,19 @@ def _ahead_layers(root: nn.Module) -> Iterator[tuple[WeightStandardization, Tens
             continue
         p = plist._modules["0"]
         original = plist._parameters.get("original")
-        if type(p) is WeightStandardization and original is not None:
+        # Module hooks wrap the layer's own call (full backward hooks attach to its inputs),
+        # so a layer with hooks standardizes for itself.
+        if (type(p) is WeightStandardization and original is not None and _no_hooks(p)
+                and _no_hooks(plist)):
             yield p, original
 
 
 def _ahead_wanted(root: nn.Module) -> bool:
+    # Not under saved-tensor hooks (``save_on_cpu``, checkpointing the whole model): the
+    # layers would refuse the values (see ``forward``) and standardize again.
     return (root.training and torch.is_grad_enabled() and not torch.compiler.is_compiling()
-            and torch._C._get_tracing_state() is None)
+            and torch._C._get_tracing_state() is None and _saved_tensor_hooks() is None
+            and _no_global_hooks())
 
 
 def _standardize_ahead_hook(root: nn.Module, args: Any) -> None:
@@ -692,24 +701,29 @@ def standardize_ahead(model: nn.Module, enable: bool = True) -> None:
     mode with gradients recorded, outside ``torch.compile`` and tracing, for layers whose only
     parametrization is WS. Layers inside a non-reentrant activation-checkpointed region, and
     in a submodule compiled on its own, standardize for themselves (the value made ahead is
-    wasted: compile the whole model instead). Idempotent; ``enable=False`` removes it.
+    wasted: compile the whole model instead), as do layers with module hooks and every layer
+    while saved-tensor hooks are active. A value lives only during the forward that made it;
+    after an interrupted forward (``KeyboardInterrupt``) a layer called outside the model may
+    see one until the next step, so call ``clear_cache()`` after writing its weight through
+    ``.data`` then. Idempotent; ``enable=False`` removes it from ``model`` and its submodules.
 
     Example:
         >>> model = wsconvert.apply_ws(net).model       # doctest: +SKIP
         >>> wsconvert.standardize_ahead(model)          # doctest: +SKIP
     """
-    pre = [k for k, h in model._forward_pre_hooks.items() if h is _standardize_ahead_hook]
-    post = [k for k, h in model._forward_hooks.items() if h is _standardize_ahead_done]
-    if enable and not pre:
-        model.register_forward_pre_hook(_standardize_ahead_hook)
-        model.register_forward_hook(_standardize_ahead_done, always_call=True)
-    elif not enable:
-        for key in pre:
-            del model._forward_pre_hooks[key]
-        for key in post:
-            del model._forward_hooks[key]
-            model._forward_hooks_always_called.pop(key, None)
-        _drop_ahead(model)
+    if enable:
+        if _standardize_ahead_hook not in model._forward_pre_hooks.values():
+            model.register_forward_pre_hook(_standardize_ahead_hook)
+            model.register_forward_hook(_standardize_ahead_done, always_call=True)
+        return
+    for module in model.modules():
+        for key in [k for k, h in module._forward_pre_hooks.items()
+                    if h is _standardize_ahead_hook]:
+            del module._forward_pre_hooks[key]
+        for key in [k for k, h in module._forward_hooks.items() if h is _standardize_ahead_done]:
+            del module._forward_hooks[key]
+            module._forward_hooks_always_called.pop(key, None)
+    _drop_ahead(model)
 
 
 def layer_weight(module: nn.Module) -> Tensor:
