@@ -688,8 +688,9 @@ def standardize_ahead(model: nn.Module, enable: bool = True) -> None:
     order: rounding-level differences). What changes is when the WS backward runs: after every other
     backward node instead of right after its convolution's, so the weight-size sweeps no longer
     push the activation gradients out of the cache. On CPU that pays when activations are
-    large against the weights (a GroupNorm ResNet-50 at 224x224 batch 2: 1.06-1.09x plain
-    instead of 1.10-1.15x; the reference net at 224x224 batch 2: 1.02x instead of 1.04-1.07x)
+    large against the weights (medians of 2-5 runs: a GroupNorm ResNet-50 at 224x224 batch 2,
+    1.07-1.09x plain instead of 1.11-1.21x; the reference net at 224x224 batch 2, 1.02-1.03x
+    instead of 1.04-1.07x)
     and costs when they are small (64x64 batch 1: about 1 ms more per step). Not measured on
     a GPU. ``wsconvert bench --ahead`` measures both on your model and input size.
 
