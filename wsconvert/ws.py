@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple, cast
+from typing import Any, cast
 
 import torch
 import torch.autograd.forward_ad as forward_ad
@@ -86,65 +86,6 @@ def _only_holder(work: Tensor) -> bool:
     return _storage_use_count(work.untyped_storage()._cdata) == 2
 
 
-class _Forward(NamedTuple):
-    """One standardization: the value (rows, in the weight's dtype) and what the backward
-    needs."""
-
-    value: Tensor
-    saved: tuple[Tensor | None, ...]
-    gain_in_z: bool
-    ratio: float
-
-
-def _standardize(weight: Tensor, eps: float, unbiased: bool, eps_in_sqrt: bool,
-                 transposed: bool, groups: int, scale: Tensor | None, shift: Tensor | None,
-                 out: Tensor | None) -> _Forward:
-    """The forward of :class:`_Standardize` (no autograd: the caller records it)."""
-    rows = to_rows(weight, transposed=transposed, groups=groups)
-    x = rows if rows.dtype in _FLOATS else rows.float()
-    if not x.is_contiguous():
-        x = x.contiguous()
-    n = x.shape[1]
-    b = 1 if unbiased else 0
-    # Mean, centre, norm of the centred rows: two reads and a write, exact like a two-pass
-    # variance. ``var_mean`` would read once but its Welford kernel is compute-bound on CPU
-    # (8x slower here); the sum of squares in one pass cancels catastrophically when
-    # |mean| >> std.
-    mu = x.mean(dim=1, keepdim=True)
-    y = torch.sub(x, mu, out=out) if out is not None else x - mu
-    norm = torch.linalg.vector_norm(y, dim=1, keepdim=True)
-    sigma: Tensor | None
-    if eps_in_sqrt:
-        s = norm.square_().div_(n - b).add_(eps).rsqrt_()
-        sigma = None
-    else:
-        sigma = norm.div_((n - b) ** 0.5 if n > b else 0.0)
-        s = torch.reciprocal(sigma + eps)
-    a = None if scale is None else scale.to(y.dtype).unsqueeze(1)
-    c = None if shift is None else shift.to(y.dtype).unsqueeze(1)
-    # z - c gives back a * y to within ulp(c) / |a|: the order of the forward's own centring
-    # error, ulp(mu) / sigma (for init="exact", c = mu and a = sigma).
-    if a is None or bool((a != 0).all()):
-        # In place: z = (y * s) * a + c, and z is all the backward needs. s and a are applied
-        # in two sweeps, not one by s * a: the rounding of earlier releases, so saved models
-        # give bit-identical outputs (tests/test_wsfile.py).
-        z = y.mul_(s)
-        if a is not None:
-            z.mul_(a)
-        if c is not None:
-            z.add_(c)
-        saved, gain_in_z = (z, s, sigma, a, c), True
-    else:
-        # A zero gain: z no longer determines y, so y is kept (one more tensor).
-        y.mul_(s)
-        saved, gain_in_z = (y, s, sigma, a, None), False
-        z = y * a
-        if c is not None:
-            z.add_(c)
-    return _Forward(z if weight.dtype is z.dtype else z.to(weight.dtype), saved, gain_in_z,
-                  n / max(n - b, 1))
-
-
 class _Standardize(torch.autograd.Function):
     """``z = a * (x - mu) * s + c`` per row (``a``, ``c`` optional), statistics in float32 or
     wider, closed-form backward.
@@ -166,14 +107,54 @@ class _Standardize(torch.autograd.Function):
     def forward(ctx: Any, weight: Tensor, eps: float, unbiased: bool, eps_in_sqrt: bool,
                 transposed: bool, groups: int, scale: Tensor | None, shift: Tensor | None,
                 out: Tensor | None) -> Tensor:
-        f = _standardize(weight, eps, unbiased, eps_in_sqrt, transposed, groups, scale, shift,
-                         out)
+        rows = to_rows(weight, transposed=transposed, groups=groups)
+        x = rows if rows.dtype in _FLOATS else rows.float()
+        if not x.is_contiguous():
+            x = x.contiguous()
+        n = x.shape[1]
+        b = 1 if unbiased else 0
+        # Mean, centre, norm of the centred rows: two reads and a write, exact like a two-pass
+        # variance. ``var_mean`` would read once but its Welford kernel is compute-bound on CPU
+        # (8x slower here); the sum of squares in one pass cancels catastrophically when
+        # |mean| >> std.
+        mu = x.mean(dim=1, keepdim=True)
+        y = torch.sub(x, mu, out=out) if out is not None else x - mu
+        norm = torch.linalg.vector_norm(y, dim=1, keepdim=True)
+        sigma: Tensor | None
+        if eps_in_sqrt:
+            s = norm.square_().div_(n - b).add_(eps).rsqrt_()
+            sigma = None
+        else:
+            sigma = norm.div_((n - b) ** 0.5 if n > b else 0.0)
+            s = torch.reciprocal(sigma + eps)
+        a = None if scale is None else scale.to(y.dtype).unsqueeze(1)
+        c = None if shift is None else shift.to(y.dtype).unsqueeze(1)
+        # z - c gives back a * y to within ulp(c) / |a|: the order of the forward's own centring
+        # error, ulp(mu) / sigma (for init="exact", c = mu and a = sigma).
+        if a is None or bool((a != 0).all()):
+            # In place: z = (y * s) * a + c, and z is all the backward needs. s and a are applied
+            # in two sweeps, not one by s * a: the rounding of earlier releases, so saved models
+            # give bit-identical outputs (tests/test_wsfile.py).
+            z = y.mul_(s)
+            if a is not None:
+                z.mul_(a)
+            if c is not None:
+                z.add_(c)
+            ctx.gain_in_z = True
+            ctx.save_for_backward(z, s, sigma, a, c)
+        else:
+            # A zero gain: z no longer determines y, so y is kept (one more tensor).
+            y.mul_(s)
+            ctx.gain_in_z = False
+            ctx.save_for_backward(y, s, sigma, a, None)
+            z = y * a
+            if c is not None:
+                z.add_(c)
         ctx.layout = (weight.shape, transposed, groups, weight.dtype,
                       None if scale is None else scale.dtype,
-                      None if shift is None else shift.dtype, eps, f.ratio)
-        ctx.gain_in_z = f.gain_in_z
-        ctx.save_for_backward(*f.saved)
-        return from_rows(f.value, weight.shape, transposed=transposed, groups=groups)
+                      None if shift is None else shift.dtype, eps, n / max(n - b, 1))
+        z = z if weight.dtype is z.dtype else z.to(weight.dtype)
+        return from_rows(z, weight.shape, transposed=transposed, groups=groups)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -404,16 +385,16 @@ class WeightStandardization(nn.Module):
         return {"convention": self.convention, "eps": self.eps, "init": self.init,
                 "scaled_gamma": self.scaled_gamma}
 
-    def _part(self, name: str) -> Tensor | None:
-        """``gain``, ``gamma`` or ``beta``: direct dict reads where they are (this runs on every
-        forward), else the attribute (a user may re-register one as a Parameter, or put a
-        parametrization on it)."""
-        params, buffers = self._parameters, self._buffers
-        if name in params:
-            return params[name]
-        if name in buffers:
-            return buffers[name]
-        return cast(Tensor | None, getattr(self, name, None))
+    def _affine_parts(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """``gain``, ``gamma``, ``beta`` (``None`` when absent). Direct dict reads where they
+        normally are (this runs on every forward), else the attribute: a user may re-register
+        one as a Parameter, or put a parametrization on it."""
+        attrs, params, buffers = self.__dict__, self._parameters, self._buffers
+        gain = attrs["gain"] if "gain" in attrs else (
+            params["gain"] if "gain" in params else getattr(self, "gain", None))
+        gamma = buffers["gamma"] if "gamma" in buffers else getattr(self, "gamma", None)
+        beta = buffers["beta"] if "beta" in buffers else getattr(self, "beta", None)
+        return gain, gamma, beta
 
     def _rows_shape(self, weight: Tensor) -> tuple[int, int]:
         return weight.numel() // self.fan_in, self.fan_in
@@ -423,7 +404,7 @@ class WeightStandardization(nn.Module):
         # In float32 (or float64) like the statistics: a gain rounded to fp16 before the multiply
         # would put an ulp between the trained forward and the float64 fold.
         dt = weight.dtype if weight.dtype in _FLOATS else torch.float32
-        gain, gamma, beta = self._part("gain"), self._part("gamma"), self._part("beta")
+        gain, gamma, beta = self._affine_parts()
         a: Tensor | None = None
         if gain is not None:
             a = gain.to(dt) * self.scale
@@ -469,19 +450,13 @@ class WeightStandardization(nn.Module):
                 self.groups, a, c, out))
 
     def _inputs(self, weight: Tensor) -> tuple[Tensor | None, ...]:
-        params, buffers, attrs = self._parameters, self._buffers, self.__dict__
-        # Direct reads where they are (no gain: a plain ``None`` attribute).
-        gain = attrs["gain"] if "gain" in attrs else (
-            params["gain"] if "gain" in params else self._part("gain"))
-        return (weight, gain,
-                buffers["gamma"] if "gamma" in buffers else self._part("gamma"),
-                buffers["beta"] if "beta" in buffers else self._part("beta"))
+        return (weight, *self._affine_parts())
 
     def _settings(self) -> tuple[Any, ...]:
         return (_OptimizerSteps.count, self.convention, self.eps, self.scale, self.transposed,
                 self.groups)
 
-    def prefetch(self, weight: Tensor) -> None:
+    def _prefetch(self, weight: Tensor) -> None:
         """Standardize ``weight`` now, for this layer's next gradient-recording forward.
 
         The root hook of :func:`standardize_ahead` calls this for every layer at the start of a
@@ -505,9 +480,7 @@ class WeightStandardization(nn.Module):
             return False
         if weight.requires_grad:
             return True
-        # Direct dict reads: this runs on every forward.
-        return any(t is not None and t.requires_grad
-                   for t in (self._part("gain"), self._part("gamma"), self._part("beta")))
+        return any(t is not None and t.requires_grad for t in self._affine_parts())
 
     def _cached(self, weight: Tensor) -> Tensor:
         """The standardized weight, recomputed only when an input changed (no gradient)."""
@@ -592,6 +565,22 @@ def _no_global_hooks() -> bool:
                 or _torch_module._global_backward_pre_hooks)
 
 
+def _sole_ws(module: nn.Module) -> tuple[WeightStandardization, Tensor] | None:
+    """The WS module and stored weight of a layer whose weight has WS as its only
+    parametrization, with no module hooks on either parametrization module (torch's own path
+    runs those, so such a layer goes through it); else ``None``."""
+    plists = module._modules.get("parametrizations")
+    plist = None if plists is None else plists._modules.get("weight")
+    if plist is None or len(plist._modules) != 1:
+        return None
+    p = plist._modules["0"]
+    original = plist._parameters.get("original")
+    if (type(p) is not WeightStandardization or original is None or not _no_hooks(p)
+            or not _no_hooks(plist)):
+        return None
+    return p, original
+
+
 def _fast_weight_getter(torch_getter: Callable[[nn.Module], Tensor]
                         ) -> Callable[[nn.Module], Tensor]:
     """``module.weight`` for a layer whose only parametrization is WS, without going through
@@ -600,15 +589,9 @@ def _fast_weight_getter(torch_getter: Callable[[nn.Module], Tensor]
     parametrization, ``parametrize.cached()``, any module hook that torch's path would run."""
 
     def weight(self: nn.Module) -> Tensor:
-        plist = self._modules["parametrizations"]._modules["weight"]  # type: ignore[union-attr]
-        assert plist is not None
-        chain = plist._modules
-        original = plist._parameters.get("original")
-        if len(chain) == 1 and original is not None and not parametrize._cache_enabled:
-            p = chain["0"]
-            if (type(p) is WeightStandardization and _no_hooks(p) and _no_hooks(plist)
-                    and _no_global_hooks()):
-                return p.forward(original)
+        sole = _sole_ws(self)
+        if sole is not None and not parametrize._cache_enabled and _no_global_hooks():
+            return sole[0].forward(sole[1])
         return torch_getter(self)
 
     weight.__wsconvert_fast__ = True  # type: ignore[attr-defined]
@@ -634,19 +617,11 @@ def _saved_tensor_hooks() -> Any:
 
 
 def _ahead_layers(root: nn.Module) -> Iterator[tuple[WeightStandardization, Tensor]]:
-    """The WS layers of ``root`` whose only parametrization is WS, with their stored weight."""
+    """The layers of ``root`` that :func:`_sole_ws` accepts, with their stored weight."""
     for module in root.modules():
-        plists = module._modules.get("parametrizations")
-        plist = None if plists is None else plists._modules.get("weight")
-        if plist is None or len(plist._modules) != 1:
-            continue
-        p = plist._modules["0"]
-        original = plist._parameters.get("original")
-        # Module hooks wrap the layer's own call (full backward hooks attach to its inputs),
-        # so a layer with hooks standardizes for itself.
-        if (type(p) is WeightStandardization and original is not None and _no_hooks(p)
-                and _no_hooks(plist)):
-            yield p, original
+        sole = _sole_ws(module)
+        if sole is not None:
+            yield sole
 
 
 def _ahead_wanted(root: nn.Module) -> bool:
@@ -662,7 +637,7 @@ def _standardize_ahead_hook(root: nn.Module, args: Any) -> None:
         return
     for p, weight in _ahead_layers(root):
         if p.training and p._accum is None and p._records_grad(weight):
-            p.prefetch(weight)
+            p._prefetch(weight)
 
 
 def _standardize_ahead_done(root: nn.Module, args: Any, output: Any) -> None:
@@ -685,14 +660,14 @@ def standardize_ahead(model: nn.Module, enable: bool = True) -> None:
     between), and a forward hook drops what the forward did not use. Values are bit-identical
     to the default, where each layer standardizes when it runs, and so are gradients when the
     stored weight has no other use (otherwise autograd may sum the contributions in another
-    order: rounding-level differences). What changes is when the WS backward runs: after every other
-    backward node instead of right after its convolution's, so the weight-size sweeps no longer
-    push the activation gradients out of the cache. On CPU that pays when activations are
+    order: rounding-level differences). What changes is when the WS backward runs: after every
+    other backward node instead of right after its convolution's, so the weight-size sweeps no
+    longer push the activation gradients out of the cache. On CPU that pays when activations are
     large against the weights (medians of 2-5 runs: a GroupNorm ResNet-50 at 224x224 batch 2,
     1.07-1.09x plain instead of 1.11-1.21x; the reference net at 224x224 batch 2, 1.02-1.03x
-    instead of 1.04-1.07x)
-    and costs when they are small (64x64 batch 1: about 1 ms more per step). Not measured on
-    a GPU. ``wsconvert bench --ahead`` measures both on your model and input size.
+    instead of 1.04-1.07x) and costs when they are small (64x64 batch 1: about 1 ms more per
+    step). Not measured on a GPU. ``wsconvert bench --ahead`` measures both on your model and
+    input size.
 
     Costs: the weight gradients of all layers are alive together at the end of the backward
     (one more weight-size set at peak); under ``DistributedDataParallel`` the conv weights'
