@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any
 
@@ -582,3 +583,35 @@ def test_a_closed_form_that_measures_worse_is_undone(monkeypatch: pytest.MonkeyP
         assert report.after.loss == report.before.loss
         for k, v in entry.items():
             assert torch.equal(v, converted.state_dict()[k])
+
+
+def test_a_closed_form_that_is_not_finite_is_undone(monkeypatch: pytest.MonkeyPatch) -> None:
+    import wsconvert.recovery as recovery
+
+    def poison(converted: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        with torch.no_grad():
+            for m in converted.modules():
+                if isinstance(m, nn.GroupNorm):
+                    m.bias.fill_(float("nan"))
+        return [], {}
+
+    monkeypatch.setattr(recovery, "fit_norms", poison)
+    original = _net()
+    for steps in (0, 3):
+        converted = _convert(original)
+        entry = copy.deepcopy(converted.state_dict())
+        report = recover(converted, original, _data(32, 12), steps=steps, eval_every=1)
+        assert math.isnan(report.stages[1].loss)
+        assert report.kept in ("converted", "distill") and math.isfinite(report.after.loss)
+        if report.kept == "converted":
+            for k, v in entry.items():
+                assert torch.equal(v, converted.state_dict()[k])
+        assert all(bool(torch.isfinite(t).all()) for t in converted.state_dict().values()
+                   if t.is_floating_point())
+
+
+@pytest.mark.parametrize("seed", [-1, 2**63 - 1, 1.5, True])
+def test_recover_refuses_a_seed_it_cannot_use(seed: Any) -> None:
+    original = _net()
+    with pytest.raises(UsageError, match="`seed` must be an integer"):
+        recover(_convert(original), original, _data(32, 12), steps=1, seed=seed)

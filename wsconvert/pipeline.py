@@ -334,7 +334,8 @@ def _recover_options(calib_data: PathLike | None, calibrate: int, steps: int | N
         return options
     if calibrate:
         raise UsageError("`calib_data` re-estimates the norms itself: drop `calibrate`")
-    check_options(**{k: v for k, v in options.items() if k != "augment"}, prefix="recover_")
+    check_options(**{k: v for k, v in options.items() if k != "augment"},
+                  **({} if seed is None else {"seed": seed}), prefix="recover_")
     return options
 
 

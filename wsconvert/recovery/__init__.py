@@ -137,13 +137,14 @@ def check_samples(model: nn.Module, samples: tuple[Tensor, ...], name: str = "da
 
 
 def check_options(*, steps: int = DEFAULT_STEPS, batch_size: int = DEFAULT_BATCH_SIZE,
-                  lr: float = DEFAULT_LR, holdout: float = DEFAULT_HOLDOUT,
+                  lr: float = DEFAULT_LR, holdout: float = DEFAULT_HOLDOUT, seed: int = 0,
                   prefix: str = "") -> None:
     """Refuse settings :func:`recover` cannot use; messages name `` `<prefix>steps` `` etc.
 
     Raises:
         UsageError: negative or non-integer ``steps``, ``batch_size`` below 1, ``lr`` not a
-            positive finite number, ``holdout`` not a fraction in (0, 1) or a whole count >= 1.
+            positive finite number, ``holdout`` not a fraction in (0, 1) or a whole count >= 1,
+            ``seed`` not an integer in [0, 2**63 - 2] (the batch order uses ``seed + 1``).
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise UsageError(f"`{prefix}steps` must be an integer >= 0, got {steps!r}")
@@ -154,6 +155,8 @@ def check_options(*, steps: int = DEFAULT_STEPS, batch_size: int = DEFAULT_BATCH
     if not (holdout > 0 and math.isfinite(holdout)) or (holdout >= 1 and holdout != int(holdout)):
         raise UsageError(f"`{prefix}holdout` must be a fraction in (0, 1) or a whole count >= 1, "
                          f"got {holdout!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= 2**63 - 2:
+        raise UsageError(f"`{prefix}seed` must be an integer in [0, 2**63 - 2], got {seed!r}")
 
 
 def _split(n: int, holdout: float, seed: int, name: str) -> tuple[Tensor, Tensor]:
@@ -236,7 +239,7 @@ def recover(converted: nn.Module, original: nn.Module, data: Tensor | Sequence[T
         ConversionError: the models' outputs do not match in shape.
         RecoveryInterrupted: stopped; ``converted`` is as it was on entry.
     """
-    check_options(steps=steps, batch_size=batch_size, lr=lr, holdout=holdout)
+    check_options(steps=steps, batch_size=batch_size, lr=lr, holdout=holdout, seed=seed)
     if not (temperature > 0 and math.isfinite(temperature)):
         raise UsageError(f"`temperature` must be a finite number > 0, got {temperature!r}")
     if loss not in LOSSES:
@@ -304,10 +307,10 @@ def _recover(converted: nn.Module, original: nn.Module, samples: tuple[Tensor, .
     closed = held_out("closed-form", t1)
     report.stages.append(closed)
     best, best_state = closed, _snapshot(converted)
-    if closed.loss > report.stages[0].loss:
-        # Norms fitted one by one can leave the output measured worse than the plain conversion:
-        # never return that state (distillation still starts from the refit, a better start in
-        # every case measured).
+    if math.isnan(closed.loss) or closed.loss > report.stages[0].loss:
+        # Norms fitted one by one can leave the output measured worse than the plain conversion
+        # (or not finite): never return that state (distillation still starts from the refit,
+        # a better start in every case measured).
         best, best_state, report.kept = report.stages[0], before_fit, "converted"
     if steps == 0:
         _restore(converted, best_state)
@@ -315,7 +318,10 @@ def _recover(converted: nn.Module, original: nn.Module, samples: tuple[Tensor, .
 
     # Stage 2: distillation, keeping the best held-out state (the closed-form one included).
     t2 = time.perf_counter()
-    online = mixup or augment  # targets computed on the inputs as changed
+    taps = Taps(converted, original, [r.name for r in report.fitted]) if features else None
+    # Targets computed per step on the inputs as changed, or alongside the feature taps; else
+    # once for all fit samples.
+    online = mixup or augment or taps is not None
     ref_fit = [] if online else outputs(original, samples, fit_idx)
     params = [p for p in converted.parameters() if p.requires_grad]
     if not params:
@@ -328,7 +334,6 @@ def _recover(converted: nn.Module, original: nn.Module, samples: tuple[Tensor, .
     step_time = 0.0
     batches = batch_indices(len(fit_idx), batch_size, order)
     last = float("nan")
-    taps = Taps(converted, original, [r.name for r in report.fitted]) if features else None
     with EvalModes(converted, original), taps or contextlib.nullcontext():
         for step in range(1, steps + 1):
             ts = time.perf_counter()
@@ -340,7 +345,7 @@ def _recover(converted: nn.Module, original: nn.Module, samples: tuple[Tensor, .
                 chunk = mix(chunk, order)
             chunk = to_model(converted, chunk)
             ref_now: list[Tensor] | None = None
-            if taps is not None or online:
+            if online:
                 if taps is not None:
                     taps.clear()
                 with torch.no_grad():
