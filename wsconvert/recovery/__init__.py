@@ -71,7 +71,6 @@ from wsconvert.recovery.report import (
     RecoveryProgress,
     RecoveryReport,
     StageResult,
-    forward,
     is_classifier,
     outputs,
     stage_result,
@@ -126,7 +125,7 @@ def check_samples(model: nn.Module, samples: tuple[Tensor, ...], name: str = "da
     probe = tuple(t[:2] for t in samples)
     with EvalModes(model), torch.no_grad():
         try:
-            forward(model, to_model(model, probe))
+            model(*to_model(model, probe))
         except WsconvertError:
             raise
         except Exception as exc:  # noqa: BLE001 - any failure of the user's forward is bad data
@@ -349,8 +348,8 @@ def _recover(converted: nn.Module, original: nn.Module, samples: tuple[Tensor, .
                 if taps is not None:
                     taps.clear()
                 with torch.no_grad():
-                    ref_now = float_tensors(forward(original, to_model(original, chunk)))
-            got = float_tensors(forward(converted, chunk))
+                    ref_now = float_tensors(original(*to_model(original, chunk)))
+            got = float_tensors(converted(*chunk))
             ref = [r.to(got[0].device, got[0].dtype) for r in (
                 ref_now if ref_now is not None else [r[pick] for r in ref_fit])]
             value = objective(got, ref)

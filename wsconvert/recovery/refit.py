@@ -28,7 +28,6 @@ from wsconvert.recovery.report import (
     RecoveryInterrupted,
     RecoveryProgress,
     chunks,
-    forward,
     to_model,
 )
 
@@ -69,7 +68,7 @@ def _call_order(model: nn.Module, probe: tuple[Tensor, ...]) -> dict[str, int]:
             handles.append(m.register_forward_hook(hook(name)))
     try:
         with EvalModes(model), torch.no_grad():
-            forward(model, to_model(model, probe))
+            model(*to_model(model, probe))
     finally:
         for h in handles:
             h.remove()
@@ -112,7 +111,7 @@ def _capture(model: nn.Module, module: nn.Module, chunk: tuple[Tensor, ...],
 
     handle = module.register_forward_hook(hook)
     try:
-        forward(model, to_model(model, chunk))
+        model(*to_model(model, chunk))
     except _Stop:
         pass
     finally:

@@ -190,10 +190,6 @@ def to_model(model: nn.Module, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]
     return cast_like(inputs, reference_tensor(model))
 
 
-def forward(model: nn.Module, inputs: tuple[Tensor, ...]) -> Any:
-    return model(*inputs)
-
-
 def chunks(samples: tuple[Tensor, ...], index: Tensor, size: int) -> Iterator[tuple[Tensor, ...]]:
     for part in torch.split(index, size):
         yield tuple(t[part] for t in samples)
@@ -205,7 +201,7 @@ def outputs(model: nn.Module, samples: tuple[Tensor, ...], index: Tensor) -> lis
     with EvalModes(model), torch.no_grad():
         for chunk in chunks(samples, index, CHUNK):
             parts.append([t.detach().double().cpu()
-                          for t in float_tensors(forward(model, to_model(model, chunk)))])
+                          for t in float_tensors(model(*to_model(model, chunk)))])
     if not parts or not parts[0]:
         raise ConversionError("the model has no floating-point output to recover")
     return [torch.cat([p[i] for p in parts]) for i in range(len(parts[0]))]
