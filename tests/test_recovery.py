@@ -270,6 +270,15 @@ def test_augment_applies_only_to_spatial_inputs() -> None:
     calibrate_bn(mlp, [(torch.randn(64, 6),)])
     report = recover(copy.deepcopy(mlp), mlp, torch.randn(32, 6), steps=2, features=0.0)
     assert not report.augment  # asked for by default, not applicable: reported off
+    assert report.notes == [] and report.to_dict()["notes"] == []  # the default stays quiet
+    report = recover(copy.deepcopy(mlp), mlp, torch.randn(32, 6), steps=2, features=0.0,
+                     augment=True, name="feats.pt")
+    assert not report.augment
+    assert report.notes == ["`augment=True`: not applied; it needs inputs [N, C, *spatial] "
+                            "with 1-3 spatial dimensions, the same for every input (feats.pt)"]
+    assert report.to_dict()["notes"] == report.notes
+    report = recover(copy.deepcopy(mlp), mlp, torch.randn(32, 6), steps=0, augment=True)
+    assert report.notes == []  # no distillation: there was nothing to augment
 
 
 def test_augment_changes_what_distillation_sees() -> None:

@@ -204,27 +204,21 @@ def trace_batch(config: ExportConfig) -> int | None:
     return None
 
 
-def _check_inputs(model: nn.Module, config: ExportConfig, *, trace: bool = True
-                  ) -> tuple[torch.Tensor, ...]:
-    """Run the model at the shapes asked for and (``trace``) at the trace batch; returns the trace
-    inputs. The trace-batch run only turns an export failure into a clear message: the exporter
-    runs the model there itself."""
-    shapes = " ".join(",".join(map(str, s)) for s in config.input_shapes)
-    batch = trace_batch(config)
-    for b in dict.fromkeys([None, batch] if trace else [None]):
-        inputs = config.example_inputs(b)
-        try:
-            with torch.no_grad():
-                model(*inputs)
-        except Exception as exc:  # noqa: BLE001 - any failure means the shapes do not fit
-            reason = dependency_reason(exc, 200)
-            if b is None:
-                raise UsageError(f"`input_shape` {shapes} does not fit the model "
-                                 f"{_model_name(model)}: {reason}") from None
-            raise UsageError(f"`dynamic_batch=True`: the model {_model_name(model)} does not run "
-                             f"at batch {b} (`input_shape` {shapes} with that batch): {reason}"
-                             ) from None
-    return config.example_inputs(batch)
+def _run_at(model: nn.Module, config: ExportConfig, batch: int | None) -> None:
+    """Run the model once on the example inputs at ``batch`` (``None``: the shapes' own batch);
+    a failure becomes a one-line :class:`UsageError` naming the shapes."""
+    try:
+        with torch.no_grad():
+            model(*config.example_inputs(batch))
+    except Exception as exc:  # noqa: BLE001 - any failure means the shapes do not fit
+        reason = dependency_reason(exc, 200)
+        shapes = " ".join(",".join(map(str, s)) for s in config.input_shapes)
+        if batch is None:
+            raise UsageError(f"`input_shape` {shapes} does not fit the model "
+                             f"{_model_name(model)}: {reason}") from None
+        raise UsageError(f"`dynamic_batch=True`: the model {_model_name(model)} does not run at "
+                         f"batch {batch} (`input_shape` {shapes} with that batch): {reason}"
+                         ) from None
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike[str], config: ExportConfig, *,
@@ -261,7 +255,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], config: ExportCo
     if not target.parent.is_dir():
         raise UsageError(f"{target}: output directory {target.parent} does not exist")
     model = model.eval()
-    inputs = _check_inputs(model, config, trace=False)
+    _run_at(model, config, None)  # shapes that do not fit say so before any file is made
+    inputs = config.example_inputs(trace_batch(config))
     n_inputs = len(inputs)
     input_names = [f"input_{i}" for i in range(n_inputs)] if n_inputs > 1 else ["input"]
     external = (config.external_data if config.external_data is not None
@@ -286,7 +281,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], config: ExportCo
             failure = dependency_reason(exc)
         if failure is not None:
             # Outside the handler, so that the probe's own error does not chain the exporter's.
-            _check_inputs(model, config)  # a model that cannot run at the trace batch says so
+            # The exporter ran the model at the trace batch: one that cannot run there says so.
+            if trace_batch(config) is not None:
+                _run_at(model, config, trace_batch(config))
             raise WsconvertError(f"{_model_name(model)}: ONNX export failed: {failure}")
         try:
             onnx.checker.check_model(str(tmp), full_check=True)

@@ -20,6 +20,7 @@ FLAGS = {
     "output": "--output",
     "out_dir": "--out-dir",
     "atol": "--atol",
+    "augment=True": "--recover-augment",  # recovery's own notes
     "bake_unknown": "--bake-unknown",
     "bake_unknown=True": "--bake-unknown",
     "batch_sizes": "--batch-sizes",

@@ -239,10 +239,8 @@ def apply_cmd(
         for line in drift_lines(payload["drift"]):
             out.result(line)
     if result.recovery is not None:
-        if (recover_augment and result.recovery.steps_run
-                and not result.recovery.augment):
-            out.warn("--recover-augment: not applied; it needs inputs [N, C, *spatial] with 1-3 "
-                     "spatial dimensions, the same for every input")
+        for note in result.recovery.notes:
+            out.warn(note)
         for line in recovery_lines(payload["recovery"]):
             out.result(line)
     out.result(f"[green]✓[/] {escape(result.apply.summary())}; wrote {escape(result.output)}")

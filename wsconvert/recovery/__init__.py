@@ -196,7 +196,7 @@ def recover(converted: nn.Module, original: nn.Module, data: Tensor | Sequence[T
             steps: int = DEFAULT_STEPS, batch_size: int = DEFAULT_BATCH_SIZE,
             lr: float = DEFAULT_LR, holdout: float = DEFAULT_HOLDOUT, seed: int = 0,
             temperature: float = DEFAULT_TEMPERATURE, loss: str = "auto",
-            features: float = DEFAULT_FEATURES, augment: bool = DEFAULT_AUGMENT,
+            features: float = DEFAULT_FEATURES, augment: bool | None = None,
             mixup: bool = False, eval_every: int | None = None,
             calibrate: bool = True, name: str = "data",
             progress: Callable[[RecoveryProgress], None] | None = None,
@@ -220,7 +220,9 @@ def recover(converted: nn.Module, original: nn.Module, data: Tensor | Sequence[T
             norm's output against the original module's, added to the output loss (0: off).
         augment: distill on randomly flipped and shifted samples (see
             :func:`wsconvert.recovery.distill.augment`; the targets are the original's outputs on
-            them); ignored, and reported off, for inputs without one to three spatial dimensions.
+            them). ``None`` (default): where it applies. It does not apply to inputs without one
+            to three spatial dimensions: it is then reported off, and ``True`` also adds a note
+            (:attr:`RecoveryReport.notes`) saying so.
         mixup: distill on mixed pairs of samples (``lam * x_i + (1 - lam) * x_j``, ``lam``
             uniform) instead of the samples themselves; the targets are the original's outputs
             on the mixed inputs.
@@ -252,19 +254,25 @@ def recover(converted: nn.Module, original: nn.Module, data: Tensor | Sequence[T
     fit_idx, hold_idx = _split(samples[0].shape[0], holdout, seed, name)
     entry = _snapshot(converted)
     modes = [(m, m.training) for m in converted.modules()]
+    wanted = DEFAULT_AUGMENT if augment is None else augment
+    applies = steps > 0 and can_augment(samples)
     try:
-        return _recover(converted, original, samples, fit_idx, hold_idx, steps=steps,
-                        batch_size=batch_size, lr=lr, seed=seed, temperature=temperature,
-                        loss=loss, features=features, mixup=mixup,
-                        augment=augment and steps > 0 and can_augment(samples),
-                        eval_every=eval_every or max(steps // 10, 1), calibrate=calibrate,
-                        progress=progress, should_stop=should_stop)
+        report = _recover(converted, original, samples, fit_idx, hold_idx, steps=steps,
+                          batch_size=batch_size, lr=lr, seed=seed, temperature=temperature,
+                          loss=loss, features=features, mixup=mixup,
+                          augment=wanted and applies,
+                          eval_every=eval_every or max(steps // 10, 1), calibrate=calibrate,
+                          progress=progress, should_stop=should_stop)
     except BaseException:
         _restore(converted, entry)
         raise
     finally:
         for m, training in modes:
             m.training = training
+    if augment and steps > 0 and not applies:
+        report.notes.append(f"`augment=True`: not applied; it needs inputs [N, C, *spatial] "
+                            f"with 1-3 spatial dimensions, the same for every input ({name})")
+    return report
 
 
 def _recover(converted: nn.Module, original: nn.Module, samples: tuple[Tensor, ...],

@@ -135,6 +135,8 @@ class RecoveryReport:
             off for inputs without spatial dimensions) and the feature-matching weight.
         kept: the state returned: ``converted`` (the closed form measured worse and was undone,
             and no distillation step improved on it), ``closed-form`` or ``distill``.
+        notes: what the caller should know, one line each (a setting asked for that did not
+            apply).
     """
 
     samples_fit: int
@@ -157,6 +159,7 @@ class RecoveryReport:
     augment: bool = False
     mixup: bool = False
     features: float = 0.0
+    notes: list[str] = field(default_factory=list)
 
     @property
     def before(self) -> StageResult:
@@ -183,7 +186,7 @@ class RecoveryReport:
                 "batch_size": self.batch_size, "lr": self.lr, "loss": self.loss,
                 "temperature": self.temperature, "seconds_per_step": self.seconds_per_step,
                 "kept": self.kept, "augment": self.augment, "mixup": self.mixup,
-                "features": self.features}
+                "features": self.features, "notes": list(self.notes)}
 
 
 def to_model(model: nn.Module, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
