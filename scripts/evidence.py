@@ -133,7 +133,7 @@ def run_arm(arm: str, seed: int, lr: float, start: dict[str, Tensor], cfg: Confi
         cursor += batch
         loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         opt.step()
         sched.step()
     return Run(arm, seed, lr, acc_start, accuracy(model, xt, yt), time.perf_counter() - t0)

@@ -26,10 +26,10 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     for _ in range(3):
         model.train()
-        for idx in torch.randperm(len(x), generator=g).split(32):
+        for idx in torch.randperm(len(x), generator=g).split(32):  # type: ignore[no-untyped-call]
             loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
             opt.zero_grad()
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
     model.eval()
     xt, yt = make_dataset(1024, seed=1)

@@ -107,7 +107,7 @@ def pretrain(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int, batch: int 
             idx = perm[k:k + batch]
             loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
             sched.step()
     return model.eval()
