@@ -24,7 +24,7 @@ import wsconvert
 from wsconvert.export import _quiet
 from wsconvert.fold import fold_ws
 from wsconvert.surgery import ws_layers
-from wsconvert.ws import trainable_weight
+from wsconvert.ws import layer_weight, trainable_weight
 
 
 def ulps(a: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
@@ -65,8 +65,8 @@ def main() -> None:
         exact = p.double().reference(trainable_weight(module).detach().double())
         p.float()
         with torch.no_grad():
-            worst_fold = max(worst_fold, float(ulps(fm.weight, exact).max()))
-            worst_direct = max(worst_direct, float(ulps(module.weight, exact).max()))
+            worst_fold = max(worst_fold, float(ulps(layer_weight(fm), exact).max()))
+            worst_direct = max(worst_direct, float(ulps(layer_weight(module), exact).max()))
         n += 1
     print(f"fold error over {n} layers: max {worst_fold:.3f} ulp "
           f"(float32 WS forward: max {worst_direct:.1f} ulp)")
