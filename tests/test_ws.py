@@ -842,19 +842,75 @@ def test_a_saved_model_carries_no_standardize_ahead_hook(tmp_path: Path) -> None
     torch.testing.assert_close(again(x), net.eval()(x), rtol=0, atol=0)
 
 
-def test_a_functorch_transform_leaves_no_wrapped_tensor_in_the_workspace() -> None:
+def _func_net(convention: str, init: str) -> nn.Module:
+    torch.manual_seed(32)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3, groups=2), nn.ReLU(),
+                        nn.ConvTranspose2d(4, 2, 3), nn.Flatten(), nn.Linear(2 * 8 * 8, 3))
+    with torch.no_grad():
+        net[0].weight[1] = 0.25  # a constant filter: no derivative, the subgradient is used
+        net[2].weight.add_(0.3)  # a mean far from zero
+    return apply_ws(net.double(), convention, init=init, transposed=True).model
+
+
+@pytest.mark.parametrize(("convention", "init"), [("paper", "plain"), ("timm", "plain"),
+                                                  ("scaled", "plain"), ("paper", "exact"),
+                                                  ("bit", "scale")])
+def test_torch_func_transforms_agree_with_autograd(convention: str, init: str) -> None:
+    """grad, per-sample grads (vmap of grad), jvp and vmap over inputs run the layer's formula in
+    plain autograd ops (the fused Function cannot run inside them) and agree with autograd."""
+    net = _func_net(convention, init)
+    wsconvert.standardize_ahead(net)  # inert inside transforms
+    x = torch.randn(4, 3, 10, 10, dtype=torch.float64)
+    t = torch.randint(0, 3, (4,))
+    params = {k: v.detach() for k, v in net.named_parameters()}
+
+    def loss(p: dict[str, torch.Tensor], xb: torch.Tensor, tb: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(functional_call(net, p, (xb,)), tb)
+
+    net.zero_grad()
+    loss(dict(net.named_parameters()), x, t).backward()  # the fused Function's gradients
+    expected = {k: v.grad for k, v in net.named_parameters()}
+    assert all(g is not None and bool(g.isfinite().all()) for g in expected.values())
+    got = torch.func.grad(loss)(params, x, t)
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-9, atol=1e-12)
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(
+        params, x.unsqueeze(1), t.unsqueeze(1))
+    for i in range(2):
+        net.zero_grad()
+        loss(dict(net.named_parameters()), x[i:i + 1], t[i:i + 1]).backward()
+        for k, v in net.named_parameters():
+            torch.testing.assert_close(per_sample[k][i], v.grad, rtol=1e-9, atol=1e-12)
+
+    tangent = {k: torch.randn_like(v) for k, v in params.items()}
+    _, directional = torch.func.jvp(lambda p: loss(p, x, t), (params,), (tangent,))
+    torch.testing.assert_close(directional, sum((expected[k] * tangent[k]).sum() for k in params),
+                               rtol=1e-9, atol=1e-12)
+
+    net.eval()
+    with torch.no_grad():
+        plain = net(x)
+    mapped = torch.func.vmap(lambda xb: net(xb.unsqueeze(0)).squeeze(0))(x)
+    torch.testing.assert_close(mapped, plain, rtol=1e-12, atol=1e-12)
+
+
+def test_a_functorch_transform_leaves_nothing_behind() -> None:
     from wsconvert.ws import _is_functorch_wrapped
 
-    torch.manual_seed(32)
-    net = copy.deepcopy(apply_ws(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(),
-                                               nn.Conv2d(4, 2, 3)), "paper").model)
+    net = _func_net("paper", "plain").float()
     wsconvert.standardize_ahead(net)
-    x = torch.randn(2, 3, 8, 8)
+    x = torch.randn(2, 3, 10, 10)
     params = {k: v.detach() for k, v in net.named_parameters()}
-    with pytest.raises(RuntimeError, match="functorch"):  # no setup_context: not supported
-        torch.func.grad(lambda p: functional_call(net, p, (x,)).sum())(params)
+    net(x).sum().backward()  # a workspace exists
     p = net[0].parametrizations.weight[0]
+    torch.func.grad(lambda q: functional_call(net, q, (x,)).sum())(params)
+    assert p._ahead is None and p._cache is None
     assert not any(_is_functorch_wrapped(w) for w in p._work)
+    net.eval()
+    torch.func.vmap(lambda xb: net(xb.unsqueeze(0)))(x)
+    assert p._cache is None  # nothing cached from inside a transform
+    net.train()
     net(x).sum().backward()  # the next ordinary step runs
 
 

@@ -25,6 +25,9 @@ of its inputs changes, which is detected exactly (storage identity, version coun
 dtype, device, eps, and any ``optimizer.step()``, since fused optimizers do not bump version
 counters). Training frees the cache; the cache is never saved, pickled or copied. Figures and
 pass counts: docs/performance.md.
+
+``torch.func`` transforms (grad, vmap, jvp) cannot run the fused Function; inside them the layer
+computes the same steps in plain autograd ops.
 """
 
 from __future__ import annotations
@@ -197,6 +200,10 @@ _CACHE_SAFE_TYPES = (Tensor, nn.Parameter)
 
 _is_functorch_wrapped: Callable[[Tensor], bool] = getattr(
     getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", lambda t: False)
+# True inside ``torch.func`` transforms (grad, vmap, jvp, jacrev, functional_call under them),
+# which cannot run an autograd.Function written with a ``ctx`` forward.
+_in_functorch_transform: Callable[[], bool] = getattr(
+    torch._C, "_are_functorch_transforms_active", lambda: False)
 
 
 def _plain_tensors(tensors: tuple[Tensor | None, ...]) -> bool:
@@ -441,6 +448,8 @@ class WeightStandardization(nn.Module):
             return new.detach()
 
     def _compute(self, weight: Tensor, reuse: bool) -> Tensor:
+        if _in_functorch_transform():
+            return self._composite(weight)
         spec = self.spec
         with _no_autocast(weight.device.type):
             a, c = self._row_affine(weight)
@@ -448,6 +457,30 @@ class WeightStandardization(nn.Module):
             return cast(Tensor, _Standardize.apply(  # type: ignore[no-untyped-call]
                 weight, self.eps, spec.unbiased, spec.eps_in_sqrt, self.transposed,
                 self.groups, a, c, out))
+
+    def _composite(self, weight: Tensor) -> Tensor:
+        """The fused Function's forward in plain autograd ops, for ``torch.func`` transforms:
+        same steps and dtypes (values agree to rounding), gradients by autograd. A constant
+        filter gets the fused backward's subgradient (``vector_norm``'s gradient at 0 is 0)."""
+        with _no_autocast(weight.device.type):
+            rows = to_rows(weight, transposed=self.transposed, groups=self.groups)
+            x = rows if rows.dtype in _FLOATS else rows.float()
+            n = x.shape[1]
+            b = 1 if self.spec.unbiased else 0
+            y = x - x.mean(dim=1, keepdim=True)
+            norm = torch.linalg.vector_norm(y, dim=1, keepdim=True)
+            if self.spec.eps_in_sqrt:
+                s = torch.rsqrt(norm.square() / (n - b) + self.eps)
+            else:
+                s = torch.reciprocal(norm / ((n - b) ** 0.5 if n > b else 0.0) + self.eps)
+            z = y * s
+            a, c = self._row_affine(weight)
+            if a is not None:
+                z = z * a.unsqueeze(1)
+            if c is not None:
+                z = z + c.unsqueeze(1)
+            return from_rows(z.to(weight.dtype), weight.shape, transposed=self.transposed,
+                             groups=self.groups)
 
     def _inputs(self, weight: Tensor) -> tuple[Tensor | None, ...]:
         return (weight, *self._affine_parts())
@@ -509,6 +542,8 @@ class WeightStandardization(nn.Module):
     def forward(self, weight: Tensor) -> Tensor:
         if self._accum is not None:
             return self._accum[1]
+        if _in_functorch_transform():  # no cache, workspace or value made ahead in there
+            return self._composite(weight)
         if torch.compiler.is_compiling():
             return self._compute(weight, reuse=False)
         if self._records_grad(weight):
@@ -629,7 +664,7 @@ def _ahead_wanted(root: nn.Module) -> bool:
     # layers would refuse the values (see ``forward``) and standardize again.
     return (root.training and torch.is_grad_enabled() and not torch.compiler.is_compiling()
             and torch._C._get_tracing_state() is None and _saved_tensor_hooks() is None
-            and _no_global_hooks())
+            and _no_global_hooks() and not _in_functorch_transform())
 
 
 def _standardize_ahead_hook(root: nn.Module, args: Any) -> None:
