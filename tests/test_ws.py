@@ -895,6 +895,27 @@ def test_torch_func_transforms_agree_with_autograd(convention: str, init: str) -
     torch.testing.assert_close(mapped, plain, rtol=1e-12, atol=1e-12)
 
 
+def test_jit_trace_records_the_plain_steps() -> None:
+    """A traced WS model trains like the eager one and follows its weights (nothing baked in)."""
+    net = _func_net("paper", "exact")  # float64: the two paths' rounding stays far below 1e-9
+    x = torch.randn(2, 3, 10, 10, dtype=torch.float64)
+    for mode in ("train", "eval"):
+        net.train(mode == "train")
+        traced = torch.jit.trace(net, x, check_trace=False)
+        torch.testing.assert_close(traced(x), net(x), rtol=1e-9, atol=1e-12)
+        net.zero_grad()
+        net(x).square().sum().backward()
+        eager = {k: v.grad.clone() for k, v in net.named_parameters() if v.grad is not None}
+        net.zero_grad()
+        traced(x).square().sum().backward()
+        for k, v in net.named_parameters():
+            if k in eager:
+                torch.testing.assert_close(v.grad, eager[k], rtol=1e-9, atol=1e-12)
+        torch.optim.SGD(net.parameters(), lr=0.1).step()
+        with torch.no_grad():
+            torch.testing.assert_close(traced(x), net(x), rtol=1e-9, atol=1e-12)
+
+
 def test_a_functorch_transform_leaves_nothing_behind() -> None:
     from wsconvert.ws import _is_functorch_wrapped
 

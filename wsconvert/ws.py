@@ -26,8 +26,8 @@ dtype, device, eps, and any ``optimizer.step()``, since fused optimizers do not 
 counters). Training frees the cache; the cache is never saved, pickled or copied. Figures and
 pass counts: docs/performance.md.
 
-``torch.func`` transforms (grad, vmap, jvp) cannot run the fused Function; inside them the layer
-computes the same steps in plain autograd ops.
+``torch.func`` transforms (grad, vmap, jvp) cannot run the fused Function, and ``torch.jit.trace``
+cannot record it; there the layer computes the same steps in plain autograd ops.
 """
 
 from __future__ import annotations
@@ -204,6 +204,13 @@ _is_functorch_wrapped: Callable[[Tensor], bool] = getattr(
 # which cannot run an autograd.Function written with a ``ctx`` forward.
 _in_functorch_transform: Callable[[], bool] = getattr(
     torch._C, "_are_functorch_transforms_active", lambda: False)
+
+
+def _plain_ops_only() -> bool:
+    """Inside ``torch.func`` transforms, which cannot run the fused Function, or while
+    ``torch.jit.trace`` records (it would record the Function's in-place steps, which its graph
+    cannot differentiate, and a cached value as a constant)."""
+    return _in_functorch_transform() or torch._C._get_tracing_state() is not None
 
 
 def _plain_tensors(tensors: tuple[Tensor | None, ...]) -> bool:
@@ -448,7 +455,7 @@ class WeightStandardization(nn.Module):
             return new.detach()
 
     def _compute(self, weight: Tensor, reuse: bool) -> Tensor:
-        if _in_functorch_transform():
+        if _plain_ops_only():
             return self._composite(weight)
         spec = self.spec
         with _no_autocast(weight.device.type):
@@ -459,13 +466,13 @@ class WeightStandardization(nn.Module):
                 self.groups, a, c, out))
 
     def _composite(self, weight: Tensor) -> Tensor:
-        """The fused Function's forward in plain autograd ops, for ``torch.func`` transforms:
+        """The fused Function's forward in plain autograd ops (see :func:`_plain_ops_only`):
         same steps and dtypes (values agree to rounding), gradients by autograd. A constant
         filter gets the fused backward's subgradient (``vector_norm``'s gradient at 0 is 0)."""
         with _no_autocast(weight.device.type):
             rows = to_rows(weight, transposed=self.transposed, groups=self.groups)
             x = rows if rows.dtype in _FLOATS else rows.float()
-            n = x.shape[1]
+            n = self.fan_in  # a Python int: a traced size would be recorded as a float32 tensor
             b = 1 if self.spec.unbiased else 0
             y = x - x.mean(dim=1, keepdim=True)
             norm = torch.linalg.vector_norm(y, dim=1, keepdim=True)
@@ -542,7 +549,7 @@ class WeightStandardization(nn.Module):
     def forward(self, weight: Tensor) -> Tensor:
         if self._accum is not None:
             return self._accum[1]
-        if _in_functorch_transform():  # no cache, workspace or value made ahead in there
+        if _plain_ops_only():  # no cache, workspace or value made ahead in there
             return self._composite(weight)
         if torch.compiler.is_compiling():
             return self._compute(weight, reuse=False)
