@@ -3,12 +3,15 @@ records named transforms (never wsconvert's module paths), state-dict metadata s
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
 import wsconvert
+from wsconvert.errors import CheckpointError, UsageError
 from wsconvert.io.safe import read_checkpoint
 from wsconvert.io.state import strip_prefix
 from wsconvert.io.wsfile import FORMAT_VERSION, load_model
@@ -55,3 +58,55 @@ def test_prefix_stripping_keeps_metadata() -> None:
     assert list(stripped) == list(net.state_dict())
     assert stripped._metadata["1"] == state._metadata["module.1"]  # type: ignore[attr-defined]
     assert stripped._metadata[""] == state._metadata["module"]  # type: ignore[attr-defined]
+
+
+def test_an_edited_model_is_saved_whole_not_as_its_factory(nets_dir: Path,
+                                                           net_state: Path) -> None:
+    """Replacing a module (the new head of a fine-tune), adding or removing one after the model
+    was built: the factory would rebuild another model, so save stores the module itself."""
+    from wsconvert.io.arch import current_arch
+
+    ws = wsconvert.apply_ws(load_model(net_state, "wsnets:build").model, init="exact").model
+    x = torch.randn(2, 3, 8, 8)
+    wsconvert.save(ws, nets_dir / "same.ws.pt")  # unedited: the factory and a state dict
+    assert read_checkpoint(nets_dir / "same.ws.pt")["arch"]["kind"] == "factory"
+    assert current_arch(wsconvert.swap_norm(ws, 4, inplace=False).model) is not None  # recorded
+    edits = {"head": lambda m: setattr(m, "head", nn.Linear(16, 7)),
+             "module": lambda m: setattr(m, "bn", nn.Identity()),
+             "added": lambda m: m.add_module("extra", nn.ReLU())}
+    for name, edit in edits.items():
+        edited = copy.deepcopy(ws)
+        edit(edited)
+        assert current_arch(edited) is None, name
+        path = nets_dir / f"{name}.ws.pt"
+        wsconvert.save(edited, path)
+        raw = read_checkpoint(path, trust=True)
+        assert raw["arch"] == {"kind": "pickle", "edited_from": "wsnets:build"}
+        with pytest.raises(UsageError, match="edited after it was built from wsnets:build"):
+            wsconvert.load(path, model="wsnets:build", trust=True)
+        back = wsconvert.load(path, trust=True).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(back(x), edited.eval()(x), rtol=0, atol=0)
+
+
+def test_a_factory_checkpoint_keeps_dtypes_and_frozen_parameters(nets_dir: Path,
+                                                                 net_state: Path) -> None:
+    ws = wsconvert.apply_ws(load_model(net_state, "wsnets:build").model, init="scale").model
+    ws = ws.to(torch.bfloat16)
+    ws.stem.parametrizations.weight.original.requires_grad_(False)
+    ws.head.bias.requires_grad_(False)
+    wsconvert.save(ws, nets_dir / "bf16.ws.pt")
+    raw = read_checkpoint(nets_dir / "bf16.ws.pt")
+    assert raw["arch"]["kind"] == "factory"
+    assert raw["frozen"] == ["head.bias", "stem.parametrizations.weight.original"]
+    back = wsconvert.load(nets_dir / "bf16.ws.pt", model="wsnets:build")
+    assert {p.dtype for p in back.parameters()} == {torch.bfloat16}
+    assert [k for k, p in back.named_parameters() if not p.requires_grad] == [
+        "stem.parametrizations.weight.original", "head.bias"]
+    x = torch.randn(2, 3, 8, 8, dtype=torch.bfloat16)
+    with torch.no_grad():
+        torch.testing.assert_close(back.eval()(x), ws.eval()(x), rtol=0, atol=0)
+    raw["frozen"] = "head.bias"
+    torch.save(raw, nets_dir / "bad.ws.pt")
+    with pytest.raises(CheckpointError, match="frozen parameters are not a list"):
+        wsconvert.load(nets_dir / "bad.ws.pt", model="wsnets:build")

@@ -12,10 +12,13 @@ from __future__ import annotations
 from typing import Any
 
 from torch import nn
+from torch.nn.utils import parametrize
 
-__all__ = ["add_transform", "arch_of", "set_arch"]
+__all__ = ["add_transform", "arch_of", "current_arch", "set_arch", "structure"]
 
 _ATTR = "_wsconvert_arch"
+_SHAPE = "_wsconvert_arch_structure"  # the model's structure when its record was last set
+_WS_ORIGINAL = ".parametrizations.weight.original"
 
 
 def arch_of(model: nn.Module) -> dict[str, Any] | None:
@@ -25,11 +28,42 @@ def arch_of(model: nn.Module) -> dict[str, Any] | None:
 
 
 def set_arch(model: nn.Module, arch: dict[str, Any] | None) -> None:
-    """Attach (or with ``None``, remove) the model's architecture record."""
+    """Attach (or with ``None``, remove) the model's architecture record; ``model`` must be what
+    the record builds (its :func:`structure` is kept to tell later edits apart)."""
     if arch is None:
         model.__dict__.pop(_ATTR, None)
+        model.__dict__.pop(_SHAPE, None)
     else:
         model.__dict__[_ATTR] = arch
+        model.__dict__[_SHAPE] = structure(model)
+
+
+def structure(model: nn.Module) -> tuple[tuple[Any, ...], ...]:
+    """What a rebuild from the record must reproduce: every module's name and class, every
+    state-dict entry's name and shape. WS parametrizations are left out (the checkpoint records
+    them per layer): a WS layer counts as its plain class with its ``weight``."""
+    modules = tuple((name, f"{cls.__module__}.{cls.__qualname__}")
+                    for name, m in model.named_modules()
+                    if ".parametrizations" not in f".{name}"
+                    for cls in [parametrize.type_before_parametrizations(m)])
+    state = []
+    for key, value in model.state_dict(keep_vars=True).items():
+        dotted = f".{key}"
+        if ".parametrizations." in dotted:
+            if not dotted.endswith(_WS_ORIGINAL):
+                continue  # WS's own gain / gamma / beta
+            key = (dotted[:-len(_WS_ORIGINAL)] + ".weight")[1:]
+        state.append((key, tuple(value.shape)))
+    return modules, tuple(sorted(state))
+
+
+def current_arch(model: nn.Module) -> dict[str, Any] | None:
+    """The record, if ``model`` is still what it builds: ``None`` when it has none, or when the
+    model was edited since (a module replaced, added or removed, a weight reshaped)."""
+    arch = arch_of(model)
+    if arch is None or model.__dict__.get(_SHAPE) != structure(model):
+        return None
+    return arch
 
 
 def add_transform(model: nn.Module, name: str, **params: Any) -> None:

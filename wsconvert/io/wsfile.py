@@ -35,7 +35,7 @@ from wsconvert.errors import (
     UntrustedCheckpointError,
     UsageError,
 )
-from wsconvert.io.arch import arch_of, set_arch
+from wsconvert.io.arch import arch_of, current_arch, set_arch
 from wsconvert.io.atomic import atomic_output, save_bytes
 from wsconvert.io.safe import read_checkpoint
 from wsconvert.io.spec import BUNDLED_FACTORIES, build_model, parse_kwargs
@@ -236,6 +236,19 @@ def _build(arch: Mapping[str, Any], path: Path) -> nn.Module:
     return net
 
 
+def _match_dtypes(net: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Give the rebuilt model's floating parameters and buffers the dtypes they were saved in
+    (a model cast to bfloat16 comes back in bfloat16; ``load_state_dict`` would cast the values
+    to the factory's dtype)."""
+    own = {**dict(net.named_parameters(remove_duplicate=False)),
+           **dict(net.named_buffers(remove_duplicate=False))}
+    for key, saved in state.items():
+        t = own.get(key)
+        if (t is not None and t.dtype != saved.dtype and t.is_floating_point()
+                and saved.is_floating_point()):
+            t.data = t.data.to(saved.dtype)
+
+
 def _load_ws(obj: Mapping[str, Any], path: Path, model: str | None = None,
              model_kwargs: Mapping[str, Any] | str | None = None, *,
              trust: bool = False) -> LoadedModel:
@@ -265,11 +278,23 @@ def _load_ws(obj: Mapping[str, Any], path: Path, model: str | None = None,
             detail = str(exc).replace("`", "")
             raise CheckpointError(f"{path}: its recorded architecture cannot be rebuilt: "
                                   f"{detail}") from None
+        _match_dtypes(net, state)
         load_state_dict_strict(net, state, str(path))
+        frozen = obj.get("frozen") or []
+        if not isinstance(frozen, list) or not all(isinstance(k, str) for k in frozen):
+            raise CheckpointError(f"{path}: wsconvert checkpoint is malformed: the frozen "
+                                  "parameters are not a list of names")
+        params = dict(net.named_parameters(remove_duplicate=False))
+        for name in frozen:
+            if name in params:
+                params[name].requires_grad_(False)
     elif arch.get("kind") == "pickle" and isinstance(obj.get("module"), nn.Module):
         if model is not None:
-            raise UsageError(f"{path}: holds a pickled module (no factory to rebuild); "
-                             "`model` does not apply")
+            edited = arch.get("edited_from")
+            why = (f"the model was edited after it was built from {edited}, so it was saved "
+                   "whole" if isinstance(edited, str) else "no factory to rebuild")
+            raise UsageError(f"{path}: holds a pickled module ({why}); `model` does not apply: "
+                             "load it with `trust=True`")
         net = obj["module"]
         restore_ws(net, configs)
         # The pickled module already holds the trainable weights; the state dict has the rest.
@@ -319,7 +344,11 @@ def load(path: str | os.PathLike[str], *, model: str | None = None,
 def ws_payload(model: nn.Module) -> dict[str, Any]:
     """What :func:`save` writes for ``model``."""
     configs = ws_layer_configs(model)
-    arch = dict(arch_of(model) or {"kind": "pickle"})
+    recorded = arch_of(model)
+    arch = dict(current_arch(model) or {"kind": "pickle"})
+    if recorded is not None and recorded.get("kind") == "factory" and arch["kind"] == "pickle":
+        # Edited since it was built: the factory would rebuild another model. Stored whole.
+        arch["edited_from"] = str(recorded.get("factory"))
     state = rekeyed(model.state_dict(), lambda k: k)
     for k, v in state.items():
         state[k] = v.detach().clone()
@@ -336,6 +365,10 @@ def ws_payload(model: nn.Module) -> dict[str, Any]:
         payload["module"] = base
         state = rekeyed(state, lambda k: None if k in base_keys or k.endswith(
             ".parametrizations.weight.original") else k)
+    else:
+        # A state dict keeps values, not which parameters were frozen: recorded beside it.
+        payload["frozen"] = sorted(k for k, v in model.named_parameters(remove_duplicate=False)
+                                   if not v.requires_grad)
     payload["state_dict"] = state
     return payload
 
@@ -345,7 +378,10 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, force: bool = False,
     """Write a WS model as a wsconvert checkpoint that :func:`load` rebuilds with nothing else.
 
     Models built from a ``MODULE:FACTORY`` spec are stored as a state dict plus that spec (loads
-    with ``weights_only=True``); others as a pickled base module (loading needs ``trust``).
+    with ``weights_only=True``; frozen parameters and dtypes come back as saved); others as a
+    pickled base module (loading needs ``trust``). A model edited after it was built (a module
+    replaced, added or removed: a new head, say) is one of the others: its factory would
+    rebuild a different model.
 
     Raises:
         OutputExistsError: ``path`` exists and not ``force``.
