@@ -205,15 +205,16 @@ def test_ddp_two_processes_equal_one_process(tmp_path: Path, use_accumulate: boo
 # -------------------------------------------------------------------------------- torch.compile
 
 
-def _compile_matches_eager(backend: str) -> None:
+def _compile_matches_eager(backend: str, convention: str = "timm", init: str = "scale") -> None:
     import torch._dynamo
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
-    eager = ws_net("timm", init="scale")
+    eager = ws_net(convention, init=init)
     compiled_src = copy.deepcopy(eager)
-    compiled = torch.compile(compiled_src, backend=backend)
+    # One graph: a per-channel gain must not split it (no data-dependent branch in the layer).
+    compiled = torch.compile(compiled_src, backend=backend, fullgraph=True)
     opt_e = torch.optim.SGD(eager.parameters(), lr=0.1)
     opt_c = torch.optim.SGD(compiled_src.parameters(), lr=0.1)
     graphs_after_first = None
@@ -237,9 +238,11 @@ def _compile_matches_eager(backend: str) -> None:
     torch._dynamo.reset()
 
 
-def test_compile_aot_eager_matches_eager_without_recompiling() -> None:
+@pytest.mark.parametrize(("convention", "init"), [("timm", "scale"), ("paper", "exact"),
+                                                  ("scaled", "plain"), ("paper", "plain")])
+def test_compile_aot_eager_matches_eager_without_recompiling(convention: str, init: str) -> None:
     """Dynamo + AOTAutograd trace the fused WS Function (no C++ compiler needed)."""
-    _compile_matches_eager("aot_eager")
+    _compile_matches_eager("aot_eager", convention, init)
 
 
 @pytest.mark.slow
@@ -256,7 +259,7 @@ def test_compiled_eval_matches_eager_and_follows_weight_updates() -> None:
 
     torch._dynamo.reset()
     model = ws_net("scaled", init="scale").eval()
-    compiled = torch.compile(model, backend="aot_eager")
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     x, _ = batch(seed=5)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-4)

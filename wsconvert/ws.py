@@ -133,8 +133,11 @@ class _Standardize(torch.autograd.Function):
         a = None if scale is None else scale.to(y.dtype).unsqueeze(1)
         c = None if shift is None else shift.to(y.dtype).unsqueeze(1)
         # z - c gives back a * y to within ulp(c) / |a|: the order of the forward's own centring
-        # error, ulp(mu) / sigma (for init="exact", c = mu and a = sigma).
-        if a is None or bool((a != 0).all()):
+        # error, ulp(mu) / sigma (for init="exact", c = mu and a = sigma). Whether every gain is
+        # non-zero is only asked on CPU outside compile: on a GPU the answer would wait for the
+        # device on every forward, and under torch.compile it would split the graph.
+        if a is None or (x.device.type == "cpu" and not torch.compiler.is_compiling()
+                         and bool((a != 0).all())):
             # In place: z = (y * s) * a + c, and z is all the backward needs. s and a are applied
             # in two sweeps, not one by s * a: the rounding of earlier releases, so saved models
             # give bit-identical outputs (tests/test_wsfile.py).
@@ -146,7 +149,7 @@ class _Standardize(torch.autograd.Function):
             ctx.gain_in_z = True
             ctx.save_for_backward(z, s, sigma, a, c)
         else:
-            # A zero gain: z no longer determines y, so y is kept (one more tensor).
+            # A zero gain possible: z no longer determines y, so y is kept (one more tensor).
             y.mul_(s)
             ctx.gain_in_z = False
             ctx.save_for_backward(y, s, sigma, a, None)
