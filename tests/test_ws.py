@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import cast
 
 import pytest
 import torch
@@ -80,6 +81,49 @@ def test_gradcheck_float64(convention: str, init: str) -> None:
         return functional_call(p, dict(zip(names, extra, strict=True)), (weight,))
 
     assert torch.autograd.gradcheck(f, (w, *params.values()))
+
+
+@pytest.mark.parametrize("convention", list(CONVENTIONS))
+@pytest.mark.parametrize("init", ["plain", "scale", "exact"])
+def test_gradgradcheck_float64(convention: str, init: str) -> None:
+    """create_graph=True gives a differentiable gradient (second order, Hessians), not zeros."""
+    p, params, w = _gradcheck_inputs(convention, init)
+    names = list(params)
+
+    def f(weight: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
+        return functional_call(p, dict(zip(names, extra, strict=True)), (weight,))
+
+    assert torch.autograd.gradgradcheck(f, (w, *params.values()))
+
+
+def test_gradgradcheck_through_gain_and_shift() -> None:
+    from wsconvert.ws import _Standardize
+
+    torch.manual_seed(3)
+    w = torch.randn(4, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+    gain = torch.rand(4, dtype=torch.float64).add_(0.5).requires_grad_()
+    shift = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    for unbiased, in_sqrt in ((True, False), (False, True)):
+        def f(w: torch.Tensor, gain: torch.Tensor, shift: torch.Tensor,
+              unbiased: bool = unbiased, in_sqrt: bool = in_sqrt) -> torch.Tensor:
+            return cast(torch.Tensor, _Standardize.apply(w, 1e-5, unbiased, in_sqrt, False, 1,
+                                                         gain, shift, None))
+
+        assert torch.autograd.gradcheck(f, (w, gain, shift))
+        assert torch.autograd.gradgradcheck(f, (w, gain, shift))
+
+
+@pytest.mark.parametrize("convention", list(CONVENTIONS))
+def test_hessian_equals_the_oracles(convention: str) -> None:
+    torch.manual_seed(4)
+    w0 = torch.randn(3, 2, 2, 2, dtype=torch.float64)
+    g = torch.randn_like(w0)
+    p = WeightStandardization(w0, convention).double()
+    hess = torch.autograd.functional.hessian(lambda w: (p(w) * g).square().sum(), w0)
+    oracle = torch.autograd.functional.hessian(
+        lambda w: (ORACLES[convention](w) * g).square().sum(), w0)
+    assert hess.abs().max() > 1e-2  # not the zeros a once-differentiable backward gave
+    torch.testing.assert_close(hess, oracle, rtol=1e-7, atol=1e-9)
 
 
 def test_gradcheck_transposed() -> None:

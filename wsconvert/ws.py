@@ -89,6 +89,31 @@ def _only_holder(work: Tensor) -> bool:
     return _storage_use_count(work.untyped_storage()._cdata) == 2
 
 
+def _plain_standardize(weight: Tensor, eps: float, unbiased: bool, eps_in_sqrt: bool,
+                       transposed: bool, groups: int, scale: Tensor | None,
+                       shift: Tensor | None, n: int) -> Tensor:
+    """:class:`_Standardize`'s forward in plain autograd ops (same steps, same dtypes, so the
+    same values): for ``torch.func`` transforms and ``torch.jit.trace``, which cannot run the
+    Function, and for its second-order gradients. ``n`` is the row length, given as a Python
+    int (a size read while tracing would be recorded as a float32 divisor). A constant filter
+    gets the fused backward's subgradient (``vector_norm``'s gradient at 0 is 0)."""
+    rows = to_rows(weight, transposed=transposed, groups=groups)
+    x = rows if rows.dtype in _FLOATS else rows.float()
+    b = 1 if unbiased else 0
+    y = x - x.mean(dim=1, keepdim=True)
+    norm = torch.linalg.vector_norm(y, dim=1, keepdim=True)
+    if eps_in_sqrt:
+        s = torch.rsqrt(norm.square() / (n - b) + eps)
+    else:
+        s = torch.reciprocal(norm / ((n - b) ** 0.5 if n > b else 0.0) + eps)
+    z = y * s
+    if scale is not None:
+        z = z * scale.to(z.dtype).unsqueeze(1)
+    if shift is not None:
+        z = z + shift.to(z.dtype).unsqueeze(1)
+    return from_rows(z.to(weight.dtype), weight.shape, transposed=transposed, groups=groups)
+
+
 class _Standardize(torch.autograd.Function):
     """``z = a * (x - mu) * s + c`` per row (``a``, ``c`` optional), statistics in float32 or
     wider, closed-form backward.
@@ -98,7 +123,9 @@ class _Standardize(torch.autograd.Function):
     ``c``, "inverse std" ``sqrt(r) / a`` and affine weight ``a * s / sqrt(r) * a``: the
     normalized input ``(z - c) * sqrt(r) / a`` is ``y * sqrt(r)``. ATen's fused kernel does it
     row by row (two sweeps over a row that is still in cache) and also returns ``sum(g * y)``
-    and ``sum(g)``, the gradients of ``a`` and ``c``. Only ``z`` is saved.
+    and ``sum(g)``, the gradients of ``a`` and ``c``. Only ``z`` is computed for the backward;
+    the inputs are saved too (references, no copy) so that under ``create_graph=True`` the
+    gradient is built as a graph through :func:`_plain_standardize` (second-order gradients).
 
     It takes and returns the weight in its own layout (the rows are a view inside, so no
     reshape nodes join the autograd graph). ``out``, when given, is a float32/float64 buffer of
@@ -147,15 +174,16 @@ class _Standardize(torch.autograd.Function):
             if c is not None:
                 z.add_(c)
             ctx.gain_in_z = True
-            ctx.save_for_backward(z, s, sigma, a, c)
+            ctx.save_for_backward(z, s, sigma, a, c, weight, scale, shift)
         else:
             # A zero gain possible: z no longer determines y, so y is kept (one more tensor).
             y.mul_(s)
             ctx.gain_in_z = False
-            ctx.save_for_backward(y, s, sigma, a, None)
+            ctx.save_for_backward(y, s, sigma, a, None, weight, scale, shift)
             z = y * a
             if c is not None:
                 z.add_(c)
+        ctx.unbiased, ctx.eps_in_sqrt = unbiased, eps_in_sqrt
         ctx.layout = (weight.shape, transposed, groups, weight.dtype,
                       None if scale is None else scale.dtype,
                       None if shift is None else shift.dtype, eps, n / max(n - b, 1))
@@ -163,10 +191,11 @@ class _Standardize(torch.autograd.Function):
         return from_rows(z, weight.shape, transposed=transposed, groups=groups)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        xin, s, sigma, a, c = ctx.saved_tensors
+        xin, s, sigma, a, c, weight, scale, shift = ctx.saved_tensors
         shape, transposed, groups, weight_dtype, scale_dtype, shift_dtype, eps, ratio = ctx.layout
+        if torch.is_grad_enabled():  # create_graph=True: a gradient that is differentiable
+            return _Standardize._differentiable_backward(ctx, grad, weight, scale, shift)
         o = xin.shape[0]
         # sqrt(r): r = k / s (see the class docstring); sigma == 0 (a constant filter, y == 0)
         # has no derivative, and any finite r gives the subgradient s * (g - mean(g)).
@@ -190,6 +219,24 @@ class _Standardize(torch.autograd.Function):
         ga = gw.div_(sqrt_r.view(o)).to(scale_dtype) if want_a else None
         gc = gc.to(shift_dtype) if want_c else None
         return gx, None, None, None, None, None, ga, gc, None
+
+    @staticmethod
+    def _differentiable_backward(ctx: Any, grad: Tensor, weight: Tensor, scale: Tensor | None,
+                                 shift: Tensor | None) -> tuple[Tensor | None, ...]:
+        """The gradients as a graph (second-order gradients, Hessians): autograd through
+        :func:`_plain_standardize` on the saved inputs, which computes the same values."""
+        _, transposed, groups, _, _, _, eps, _ = ctx.layout
+        positions = [(i, t) for i, t in ((0, weight), (6, scale), (7, shift))
+                     if t is not None and ctx.needs_input_grad[i]]
+        with torch.enable_grad():
+            out = _plain_standardize(weight, eps, ctx.unbiased, ctx.eps_in_sqrt, transposed,
+                                     groups, scale, shift, ctx.saved_tensors[0].shape[1])
+            grads = torch.autograd.grad(out, [t for _, t in positions], grad, create_graph=True,
+                                        allow_unused=True)
+        result: list[Tensor | None] = [None] * 9
+        for (i, _), g in zip(positions, grads, strict=True):
+            result[i] = g
+        return tuple(result)
 
 
 def _no_autocast(device_type: str) -> contextlib.AbstractContextManager[Any]:
@@ -469,28 +516,12 @@ class WeightStandardization(nn.Module):
                 self.groups, a, c, out))
 
     def _composite(self, weight: Tensor) -> Tensor:
-        """The fused Function's forward in plain autograd ops (see :func:`_plain_ops_only`):
-        same steps and dtypes (values agree to rounding), gradients by autograd. A constant
-        filter gets the fused backward's subgradient (``vector_norm``'s gradient at 0 is 0)."""
+        """The layer's value in plain autograd ops (see :func:`_plain_ops_only`)."""
+        spec = self.spec
         with _no_autocast(weight.device.type):
-            rows = to_rows(weight, transposed=self.transposed, groups=self.groups)
-            x = rows if rows.dtype in _FLOATS else rows.float()
-            n = self.fan_in  # a Python int: a traced size would be recorded as a float32 tensor
-            b = 1 if self.spec.unbiased else 0
-            y = x - x.mean(dim=1, keepdim=True)
-            norm = torch.linalg.vector_norm(y, dim=1, keepdim=True)
-            if self.spec.eps_in_sqrt:
-                s = torch.rsqrt(norm.square() / (n - b) + self.eps)
-            else:
-                s = torch.reciprocal(norm / ((n - b) ** 0.5 if n > b else 0.0) + self.eps)
-            z = y * s
             a, c = self._row_affine(weight)
-            if a is not None:
-                z = z * a.unsqueeze(1)
-            if c is not None:
-                z = z + c.unsqueeze(1)
-            return from_rows(z.to(weight.dtype), weight.shape, transposed=self.transposed,
-                             groups=self.groups)
+            return _plain_standardize(weight, self.eps, spec.unbiased, spec.eps_in_sqrt,
+                                      self.transposed, self.groups, a, c, self.fan_in)
 
     def _inputs(self, weight: Tensor) -> tuple[Tensor | None, ...]:
         return (weight, *self._affine_parts())
