@@ -624,3 +624,15 @@ def test_recover_refuses_a_seed_it_cannot_use(seed: Any) -> None:
     original = _net()
     with pytest.raises(UsageError, match="`seed` must be an integer"):
         recover(_convert(original), original, _data(32, 12), steps=1, seed=seed)
+
+
+def test_recover_leaves_no_evaluation_cache_in_a_training_model() -> None:
+    """recover measures in eval mode; a model handed back in training mode keeps no cached
+    standardized weight (the eval cache and training never coexist)."""
+    from wsconvert.surgery import ws_layers
+
+    original = _net()
+    converted = _convert(original).train()
+    recover(converted, original, _data(32, 3), steps=2)
+    assert converted.training
+    assert all(p._cache is None for _, _, p in ws_layers(converted))

@@ -38,7 +38,7 @@ def test_default_rules() -> None:
                                "3": "skipped", "4": "converted", "5": "skipped"}
     reasons = {r.name: r.reason for r in report.skipped}
     assert "fan-in 1" in reasons["1"]
-    assert "--transposed" in reasons["3"] and "--linear" in reasons["5"]
+    assert "`transposed=True`" in reasons["3"] and "`linear=True`" in reasons["5"]
     rec = report.layers[2]
     assert (rec.kind, rec.shape, rec.fan_in) == ("MyConv", (8, 4, 3, 3), 36)
     assert "3 layer(s) converted" in report.summary()
@@ -50,7 +50,7 @@ def test_flags_and_globs() -> None:
                                "3": "converted", "4": "skipped", "5": "converted"}
     report = apply_ws(_net(), include=["[02]"])
     assert [r.name for r in report.converted] == ["0", "2"]
-    assert report.layers[4].reason == "not matched by --include"
+    assert report.layers[4].reason == "not matched by `include`"
 
 
 def test_copy_by_default_and_inplace() -> None:
@@ -126,3 +126,75 @@ def test_non_finite_standardization_is_refused_before_any_layer_converts() -> No
     report = apply_ws(model, "paper")
     for m in report.model:
         assert m.parametrizations.weight[0]._cache is None
+
+
+def test_include_and_exclude_take_one_glob_as_a_string() -> None:
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3))
+    report = apply_ws(net, exclude="1")
+    assert [r.status for r in report.layers] == ["converted", "skipped"]
+    assert report.layers[1].reason == "matched by `exclude`"
+    assert [r.status for r in apply_ws(net, include="1").layers] == ["skipped", "converted"]
+    with pytest.raises(UsageError, match="`include` takes glob strings"):
+        apply_ws(net, include=[1])  # type: ignore[list-item]
+
+
+def test_a_hook_computed_weight_is_skipped_and_nothing_is_half_converted() -> None:
+    """torch.nn.utils.spectral_norm (the old hook API) computes ``weight`` from ``weight_orig``:
+    the layer is skipped with its reason; an inplace model is never left part converted."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.utils.spectral_norm(nn.Conv2d(4, 4, 3)))
+    report = apply_ws(net, inplace=True)
+    assert [r.status for r in report.layers] == ["converted", "skipped"]
+    assert "spectral_norm" in report.layers[1].reason
+    net(torch.randn(1, 3, 8, 8))
+
+
+def test_a_failed_registration_leaves_an_inplace_model_as_it_was(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import wsconvert.surgery as surgery
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3))
+    weights = [m.weight for m in net]
+    calls = []
+    real = surgery.register_ws
+
+    def flaky(module: nn.Module, p: WeightStandardization) -> None:
+        calls.append(module)
+        if len(calls) == 3:
+            raise ValueError("refused\nsecond line")
+        real(module, p)
+
+    monkeypatch.setattr(surgery, "register_ws", flaky)
+    with pytest.raises(ConversionError, match=r"could not be registered on a layer: refused$"):
+        apply_ws(net, inplace=True)
+    assert [type(m) for m in net] == [nn.Conv2d] * 3
+    assert all(m.weight is w for m, w in zip(net, weights, strict=True))  # the same Parameters
+
+
+def test_meta_device_weights_are_refused_in_one_line() -> None:
+    with torch.device("meta"):
+        net = nn.Sequential(nn.Conv2d(3, 4, 3))
+    with pytest.raises(ConversionError, match="meta device"):
+        apply_ws(net)
+
+
+@pytest.mark.parametrize("eps", [True, "1e-5", -1.0, float("nan"), None])
+def test_eps_must_be_a_number(eps: object) -> None:
+    net = nn.Sequential(nn.Conv2d(3, 4, 3))
+    if eps is None:
+        assert apply_ws(net, eps=0).layers[0].eps == 0.0  # an int is a number
+        return
+    with pytest.raises(UsageError, match="eps must be a finite number >= 0"):
+        apply_ws(net, eps=eps)  # type: ignore[arg-type]
+
+
+def test_unregister_keeps_a_weight_tied_between_layers() -> None:
+    from wsconvert.surgery import unregister_ws
+
+    net = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 3, 3, padding=1))
+    net[1].weight = net[0].weight
+    ws = apply_ws(net).model
+    assert len(list(ws.parameters())) == 3  # tied: one weight, two biases
+    shared = ws[0].parametrizations.weight.original
+    for m in ws:
+        assert unregister_ws(m) is shared
+    assert ws[0].weight is ws[1].weight is shared

@@ -445,6 +445,32 @@ def test_accumulate_frees_the_cache_and_the_next_eval_sees_the_step() -> None:
     _assert_recomputed(layer, p, old)
 
 
+def test_accumulate_refuses_a_step_inside_and_nesting() -> None:
+    from wsconvert.errors import UsageError
+
+    torch.manual_seed(6)
+    gen = apply_ws(nn.Sequential(nn.Conv2d(3, 4, 3)), "paper").model
+    other = nn.Linear(2, 2)  # a second network (a GAN's discriminator, say)
+    opt, opt_other = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (gen, other))
+    before = gen[0].parametrizations.weight.original.detach().clone()
+    with pytest.raises(UsageError, match="step after the block"), accumulate(gen):
+        gen(torch.randn(1, 3, 6, 6)).sum().backward()
+        other(torch.randn(1, 2)).sum().backward()
+        opt_other.step()  # another model's optimizer is left alone
+        opt.step()
+    assert torch.equal(gen[0].parametrizations.weight.original, before)  # nothing half done
+    with pytest.raises(UsageError, match="do not nest"), accumulate(gen), accumulate(gen):
+        pass
+    opt.zero_grad()
+    with accumulate(gen):  # the guard is gone with the blocks
+        gen(torch.randn(1, 3, 6, 6)).sum().backward()
+    opt.step()
+    assert not torch.equal(gen[0].parametrizations.weight.original, before)
+    from wsconvert.ws import _AccumulateSteps
+
+    assert _AccumulateSteps.active == [] and _AccumulateSteps._handle is None
+
+
 def test_cache_memory_freed_in_training_and_workspace_freed_in_eval() -> None:
     layer, p = _eval_layer()
     with torch.no_grad():

@@ -110,3 +110,21 @@ def test_a_factory_checkpoint_keeps_dtypes_and_frozen_parameters(nets_dir: Path,
     torch.save(raw, nets_dir / "bad.ws.pt")
     with pytest.raises(CheckpointError, match="frozen parameters are not a list"):
         wsconvert.load(nets_dir / "bad.ws.pt", model="wsnets:build")
+
+
+def test_a_tied_weight_stays_tied_through_save_and_load(tmp_path: Path) -> None:
+    net = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 3, 3, padding=1))
+    net[2].weight = net[0].weight
+    ws = wsconvert.apply_ws(net).model
+    wsconvert.save(ws, tmp_path / "tied.ws.pt")  # no factory: the pickled module
+    back = wsconvert.load(tmp_path / "tied.ws.pt", trust=True)
+    assert len(list(back.parameters())) == len(list(ws.parameters())) == 3
+    assert (back[0].parametrizations.weight.original
+            is back[2].parametrizations.weight.original)
+    x = torch.randn(2, 3, 6, 6)
+    for m in (ws, back):  # one identical Adam step each
+        opt = torch.optim.Adam(m.parameters(), lr=0.1)
+        m(x).square().mean().backward()
+        opt.step()
+    torch.testing.assert_close(back[0].parametrizations.weight.original,
+                               ws[0].parametrizations.weight.original, rtol=0, atol=0)

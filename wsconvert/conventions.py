@@ -91,9 +91,10 @@ def check_eps(eps: float) -> float:
     """``eps`` as a float, if it is a finite number >= 0.
 
     Raises:
-        UsageError: anything else (negative, NaN, inf).
+        UsageError: anything else (negative, NaN, inf, a bool, a string).
     """
-    if not (math.isfinite(eps) and eps >= 0):
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (
+            math.isfinite(eps) and eps >= 0):
         raise UsageError(f"eps must be a finite number >= 0, got {eps!r}")
     return float(eps)
 

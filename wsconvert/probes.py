@@ -19,8 +19,9 @@ from torch import Tensor, nn
 from wsconvert.defaults import DRIFT_BATCHES, PROBE_BATCH, PROBE_SPATIAL
 from wsconvert.errors import UsageError
 from wsconvert.io.inputs import infer_input_shape, parse_shapes, sample_tensors
+from wsconvert.ws import WeightStandardization
 
-__all__ = ["Batches", "ProbeSource", "check_probe_options", "relative_l2"]
+__all__ = ["Batches", "ProbeSource", "check_probe_options", "relative_l2", "restore_modes"]
 
 Batches = Sequence[tuple[Tensor, ...]] | Callable[[int], tuple[Tensor, ...]]
 """Probe batches: a sequence of positional-input tuples, or a function from batch index to one."""
@@ -175,6 +176,17 @@ def tensors_in(obj: Any) -> Iterator[Tensor]:
             yield from tensors_in(v)
 
 
+def restore_modes(saved: list[tuple[nn.Module, bool]]) -> None:
+    """Put each module back in its saved mode. Flags are set directly (``train()`` recurses), but
+    WS layers go through their own ``train()``, which frees the evaluation cache or the training
+    workspace that the other mode does not keep."""
+    for m, training in saved:
+        if isinstance(m, WeightStandardization):
+            m.train(training)
+        else:
+            m.training = training
+
+
 class EvalModes:
     """Put models in eval mode for the block; restore every module's mode after."""
 
@@ -188,5 +200,4 @@ class EvalModes:
             model.eval()
 
     def __exit__(self, *exc: object) -> None:
-        for m, training in self.saved:
-            m.training = training
+        restore_modes(self.saved)

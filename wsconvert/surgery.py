@@ -156,20 +156,36 @@ def _skip_reason(name: str, module: nn.Module, include: Sequence[str], exclude: 
     if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
         return "no floating-point weight"
     if include and not any(fnmatch.fnmatchcase(name, g) for g in include):
-        return "not matched by --include"
+        return "not matched by `include`"
     if any(fnmatch.fnmatchcase(name, g) for g in exclude):
-        return "matched by --exclude"
+        return "matched by `exclude`"
     if isinstance(module, nn.Linear) and not linear:
-        return "Linear layer (pass --linear to convert)"
+        return "Linear layer (pass `linear=True` to convert)"
     if _is_transposed(module) and not transposed:
-        return "transposed conv (pass --transposed to convert)"
+        return "transposed conv (pass `transposed=True` to convert)"
     if parametrize.is_parametrized(module, "weight"):
         return "weight already carries another parametrization"
+    if "weight" not in module._parameters and "weight" not in module._buffers:
+        return ("weight is not the layer's own parameter (computed by a hook, as "
+                "torch.nn.utils.spectral_norm does)")
+    if weight.is_meta:
+        raise ConversionError(f"layer {name}: weight is on the meta device (no values yet); "
+                              "load the model's weights first")
     if _fan_in_of(module) == 1:
         return "fan-in 1: standardizing would give NaN or a dead layer"
     if not bool(torch.isfinite(weight).all()):
         raise ConversionError(f"layer {name}: weight holds NaN or inf values")
     return ""
+
+
+def _globs(value: str | Sequence[str], name: str) -> tuple[str, ...]:
+    """``include`` / ``exclude`` as a tuple of globs (one glob may come as a plain string)."""
+    if isinstance(value, str):
+        return (value,)
+    globs = tuple(value)
+    if not all(isinstance(g, str) for g in globs):
+        raise UsageError(f"`{name}` takes glob strings, got {value!r}")
+    return globs
 
 
 def _fan_in_of(module: nn.Module) -> int:
@@ -194,9 +210,9 @@ def _register(module: nn.Module, convention: str, eps: float | None, init: str,
 
 
 def apply_ws(model: nn.Module, convention: str = "paper", eps: float | None = None,
-             init: str = "plain", include: Sequence[str] = (), exclude: Sequence[str] = (),
-             *, transposed: bool = False, linear: bool = False,
-             inplace: bool = False) -> ApplyReport:
+             init: str = "plain", include: str | Sequence[str] = (),
+             exclude: str | Sequence[str] = (), *, transposed: bool = False,
+             linear: bool = False, inplace: bool = False) -> ApplyReport:
     """Put Weight Standardization on a model's convolutions, keeping their pretrained weights.
 
     Every ``Conv1d/2d/3d`` (and subclass) is converted; transposed convs only with
@@ -208,8 +224,9 @@ def apply_ws(model: nn.Module, convention: str = "paper", eps: float | None = No
         convention: one of :data:`wsconvert.conventions.CONVENTIONS`.
         eps: overrides the convention's default eps.
         init: ``plain``, ``scale`` or ``exact`` (see :class:`wsconvert.ws.WeightStandardization`).
-        include: globs over dotted module names; when given, only matching layers convert.
-        exclude: globs over dotted module names never to convert.
+        include: globs over dotted module names (one glob or several); when given, only
+            matching layers convert.
+        exclude: globs over dotted module names never to convert (one glob or several).
         transposed: also convert transposed convs (standardized per output channel).
         linear: also convert Linear layers.
         inplace: modify ``model`` itself.
@@ -233,6 +250,7 @@ def apply_ws(model: nn.Module, convention: str = "paper", eps: float | None = No
         raise UsageError(f"unknown init {init!r}; choose one of: {', '.join(INIT_MODES)}")
     if eps is not None:
         check_eps(eps)  # before copying the model (each layer's parametrization checks it too)
+    include, exclude = _globs(include, "include"), _globs(exclude, "exclude")
     _refuse_existing_ws(model)
     candidates = list(candidate_layers(model))
     if not any(isinstance(m, nn.modules.conv._ConvNd) for _, m in candidates) and not (
@@ -265,8 +283,16 @@ def apply_ws(model: nn.Module, convention: str = "paper", eps: float | None = No
         planned.append((module, p))
         report.layers.append(LayerRecord(name, _kind(module), shape, fan, "converted",
                                          convention=spec.name, eps=p.eps, init=init))
-    for module, p in planned:
-        register_ws(module, p)
+    done: list[nn.Module] = []
+    try:
+        for module, p in planned:
+            register_ws(module, p)
+            done.append(module)
+    except Exception as exc:  # noqa: BLE001 - torch's parametrize raises several types
+        for module in done:  # nothing half-converted, inplace or not
+            unregister_ws(module)
+        raise ConversionError(f"WS could not be registered on a layer: "
+                              f"{str(exc).splitlines()[0]}") from None
     if not report.converted:
         reasons = sorted({r.reason for r in report.skipped})
         raise ConversionError("no layer was converted: " + "; ".join(reasons))
@@ -320,7 +346,9 @@ def bake_parametrizations(module: nn.Module, values: dict[str, torch.Tensor]) ->
 def unregister_ws(module: nn.Module, weight: torch.Tensor | None = None) -> nn.Parameter:
     """Take WS off ``module``: its class back to the original and ``weight`` a plain Parameter.
 
-    The new Parameter holds ``weight`` when given, else the trainable (unstandardized) tensor.
+    With ``weight``, a new Parameter holding it; without, the trainable (unstandardized)
+    Parameter itself, so a weight tied between layers stays one Parameter and an optimizer
+    holding it still updates the layer.
 
     Raises:
         ConversionError: ``module`` has no WS, or has other parametrizations too.
@@ -330,6 +358,10 @@ def unregister_ws(module: nn.Module, weight: torch.Tensor | None = None) -> nn.P
     plist = cast(nn.ModuleDict, module.parametrizations)
     if len(plist) != 1 or len(cast(nn.ModuleList, plist["weight"])) != 1:
         raise ConversionError("layer carries other parametrizations besides WS; remove them first")
-    value = trainable_weight(module).detach() if weight is None else weight.detach().clone()
-    bake_parametrizations(module, {"weight": value})
+    if weight is None:
+        original = cast(nn.Parameter, trainable_weight(module))
+        bake_parametrizations(module, {"weight": original.detach()})
+        module.weight = original
+        return original
+    bake_parametrizations(module, {"weight": weight.detach().clone()})
     return cast(nn.Parameter, module.weight)

@@ -35,7 +35,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.autograd.forward_ad as forward_ad
@@ -790,6 +790,37 @@ def trainable_weight(module: nn.Module) -> Tensor:
     return layer_weight(module)
 
 
+class _AccumulateSteps:
+    """Refuses ``optimizer.step()`` on a model's WS weights while an :func:`accumulate` block
+    runs on it: their gradients only arrive when the block ends, so the step would not move
+    them (an optimizer over other parameters, a GAN's other network say, is left alone)."""
+
+    active: ClassVar[list[set[int]]] = []
+    _handle: Any = None
+
+    @classmethod
+    def enter(cls, weights: set[int]) -> None:
+        if cls._handle is None:
+            from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+            cls._handle = register_optimizer_step_pre_hook(cls._check)
+        cls.active.append(weights)
+
+    @classmethod
+    def leave(cls, weights: set[int]) -> None:
+        cls.active[:] = [w for w in cls.active if w is not weights]
+        if not cls.active and cls._handle is not None:
+            cls._handle.remove()
+            cls._handle = None
+
+    @classmethod
+    def _check(cls, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        held = set().union(*cls.active)
+        if any(id(p) in held for group in optimizer.param_groups for p in group["params"]):
+            raise UsageError("optimizer.step() inside wsconvert.accumulate: the WS weights' "
+                             "gradients arrive when the block ends; step after the block")
+
+
 @contextlib.contextmanager
 def accumulate(model: nn.Module) -> Iterator[None]:
     """Standardize once for all the micro-batches of one optimizer step.
@@ -800,8 +831,9 @@ def accumulate(model: nn.Module) -> Iterator[None]:
     in its incoming gradient, so the result equals one standardization per micro-batch to float
     rounding.
 
-    Call ``optimizer.step()`` after the block, never inside it. On an exception inside the block
-    the pending gradients are dropped.
+    Call ``optimizer.step()`` after the block, never inside it: a step over this model's WS
+    weights inside it raises :class:`~wsconvert.errors.UsageError`, as does a nested block. On an
+    exception inside the block the pending gradients are dropped.
 
     With ``DistributedDataParallel``: the gradients reach the trainable weights on exit, outside
     any backward pass DDP prepared for, so DDP cannot reduce them. Run the micro-batches under
@@ -818,8 +850,13 @@ def accumulate(model: nn.Module) -> Iterator[None]:
     for module in model.modules():
         p = ws_parametrization(module)
         if p is not None:
+            if p._accum is not None:
+                raise UsageError("wsconvert.accumulate blocks do not nest: a layer of this "
+                                 "model is already inside one")
             layers.append((p, module))
     entered: list[WeightStandardization] = []
+    weights = {id(trainable_weight(module)) for _, module in layers}
+    _AccumulateSteps.enter(weights)
     try:
         with torch.enable_grad():
             for p, module in layers:
@@ -840,5 +877,6 @@ def accumulate(model: nn.Module) -> Iterator[None]:
         if outs:
             torch.autograd.backward(outs, grads)
     finally:
+        _AccumulateSteps.leave(weights)
         for p in entered:
             p._accum = None

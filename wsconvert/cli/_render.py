@@ -32,7 +32,7 @@ def layer_table(layers: list[dict[str, Any]], title: str) -> Table:
         table.add_column(col, justify="right" if col == "fan-in" else "left")
     for r in layers:
         detail = (f"{r['convention']} eps={r['eps']:g} init={r['init']}"
-                  if r["status"] == "converted" else r["reason"])
+                  if r["status"] == "converted" else cli_text(r["reason"]))
         style = "green" if r["status"] == "converted" else "yellow"
         table.add_row(escape(r["name"] or "<root>"), r["kind"],
                       "x".join(str(s) for s in r["shape"]), str(r["fan_in"]),
@@ -164,8 +164,14 @@ def verdict(out: Output, report: ParityReport) -> None:
 
 
 def translated(payload: dict[str, Any]) -> dict[str, Any]:
-    """A result's JSON form with the drift-skip reason in command-line wording."""
+    """A result's JSON form with the drift-skip and layer-skip reasons in command-line
+    wording."""
     drift = payload.get("drift")
     if isinstance(drift, dict) and "skipped" in drift:
-        return {**payload, "drift": {"skipped": cli_text(drift["skipped"])}}
+        payload = {**payload, "drift": {"skipped": cli_text(drift["skipped"])}}
+    layers = payload.get("layers")
+    if isinstance(layers, list):
+        payload = {**payload, "layers": [
+            {**r, "reason": cli_text(r["reason"])} if isinstance(r, dict) and r.get("reason")
+            else r for r in layers]}
     return payload

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 
 from wsconvert.errors import ConversionError, UsageError, WsconvertError
 from wsconvert.io.inputs import as_samples
-from wsconvert.probes import EvalModes, float_tensors
+from wsconvert.probes import EvalModes, float_tensors, restore_modes
 from wsconvert.recovery.distill import LOSSES, Taps, batch_indices, can_augment, loss_fn, mix
 from wsconvert.recovery.distill import augment as augment_batch
 from wsconvert.recovery.refit import fit_norms
@@ -267,8 +267,7 @@ def recover(converted: nn.Module, original: nn.Module, data: Tensor | Sequence[T
         _restore(converted, entry)
         raise
     finally:
-        for m, training in modes:
-            m.training = training
+        restore_modes(modes)
     if augment and steps > 0 and not applies:
         report.notes.append(f"`augment=True`: not applied; it needs inputs [N, C, *spatial] "
                             f"with 1-3 spatial dimensions, the same for every input ({name})")
