@@ -69,6 +69,21 @@ def broken():
     raise RuntimeError("factory exploded")
 
 
+def exits():
+    import sys
+    sys.exit(0)
+
+
+class ExitNet(Net):
+    def forward(self, x):
+        raise SystemExit(0)
+
+
+def exits_in_forward():
+    torch.manual_seed(0)
+    return ExitNet()
+
+
 def linear_only():
     return nn.Sequential(nn.Linear(3, 3))
 '''

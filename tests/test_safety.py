@@ -759,6 +759,40 @@ def test_legacy_and_raw_pickles_list_their_globals(nets_dir: Path) -> None:
     assert not marker.exists()
 
 
+class Profiled:
+    """Runs code through a standard-library function that is not an obvious command runner."""
+
+    def __init__(self, func: Callable[..., object], marker: Path) -> None:
+        self.func, self.marker = func, marker
+
+    def __reduce__(self) -> tuple[Callable[..., object], tuple[str]]:
+        return (self.func, (f"open({str(self.marker)!r}, 'w').write('pwned')",))
+
+
+def test_allow_class_accepts_classes_only_and_names_code_runners(nets_dir: Path) -> None:
+    """cProfile.run, timeit.timeit, pdb.run ... run code as surely as exec: named as such, never
+    suggested for --allow-class, refused by it; and --allow-class takes classes, not functions
+    (a list of dangerous names can never be complete)."""
+    import cProfile
+    import pdb
+    import timeit
+
+    d = nets_dir
+    marker = d / "marker"
+    for i, func in enumerate((cProfile.run, timeit.timeit, pdb.run)):
+        name = f"runs{i}.pt"
+        torch.save({"state_dict": {"w": torch.zeros(1)}, "x": Profiled(func, marker)}, d / name)
+        qual = f"{func.__module__}.{func.__qualname__}"
+        line = bad(["inspect", name], d, name, qual, "runs commands or code")
+        assert "--allow-class" not in line, line
+        bad(["inspect", name, "--allow-class", qual], d, "refused")
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "x": Profiled(json.loads, marker)},
+               d / "func.pt")
+    bad(["inspect", "func.pt", "--allow-class", "json.loads"], d, "json.loads",
+        "not a class")
+    assert not marker.exists()
+
+
 def test_onnxruntime_logs_and_colours_never_reach_the_error(extra: Path) -> None:
     import onnx
     from onnx import TensorProto, helper

@@ -136,6 +136,20 @@ def test_state_dict_and_model_problems(cli: Cli, net_state: Path) -> None:
                    if os.geteuid() != 0 else "wsconvert-out.pt", cwd=d)
 
 
+def test_sys_exit_in_model_code_never_decides_the_exit_code(cli: Cli, net_state: Path) -> None:
+    """A factory or a forward that calls sys.exit(0) would make the gate pass unchecked."""
+    d = net_state.parent
+    onnx = _good_onnx(d)
+    cli.assert_bad(["check", onnx, "--against", net_state, "-m", "wsnets:exits"],
+                   "wsnets:exits called sys.exit(0)", cwd=d)
+    cli.assert_bad(["check", onnx, "--against", net_state, "-m", "wsnets:exits_in_forward",
+                    "--json"], "called sys.exit(0); nothing was checked", cwd=d)
+    cli.assert_bad(["apply", net_state, "-m", "wsnets:exits_in_forward"], "sys.exit(0)", cwd=d)
+    (d / "exit_on_import.py").write_text("import sys\nsys.exit(3)\n")
+    cli.assert_bad(["inspect", net_state, "-m", "exit_on_import:build"],
+                   "called sys.exit(3) on import", cwd=d)
+
+
 def test_untrusted_pickle_never_runs(cli: Cli, tmp_path: Path,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)

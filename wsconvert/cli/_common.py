@@ -160,7 +160,8 @@ def guarded(func: F) -> F:
     """Turn library errors into one line on stderr and an exit code (traceback only in debug).
 
     Exit codes: the error's own (2 bad input, 1 a failed check), 128 + N for signal N (130 for
-    Ctrl-C), 2 for anything unexpected. Debug mode adds the traceback and keeps the code.
+    Ctrl-C), 2 for anything unexpected, a ``sys.exit`` in code the command ran included. Debug
+    mode adds the traceback and keeps the code.
     """
 
     @functools.wraps(func)
@@ -176,6 +177,12 @@ def guarded(func: F) -> F:
                 signum = signals.received or signal.SIGINT
                 _error_line(f"interrupted ({signal.Signals(signum).name}); no output was written")
                 raise typer.Exit(128 + signum) from None
+            if isinstance(exc, SystemExit):
+                # wsconvert itself exits through typer.Exit: this came from code it ran (a model
+                # factory, a model's forward, a trusted pickle), which must not pick the exit code.
+                _error_line(f"code run for this command (the model's own) called "
+                            f"sys.exit({exc.code!r}); nothing was checked or written")
+                raise typer.Exit(2) from None
             if not isinstance(exc, Exception):
                 raise
             if debug_enabled():

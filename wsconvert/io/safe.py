@@ -42,11 +42,22 @@ SAFETENSORS_METADATA_KEY = "_metadata"
 :func:`wsconvert.io.atomic.save_safetensors`. Other header entries (``format``) are ignored."""
 
 # Globals whose only use in a pickle is running commands or code, reading or writing files, or
-# reaching other globals: never suggested for (nor accepted by) ``allow_classes``.
-_DANGEROUS_MODULES = ("os", "posix", "nt", "subprocess", "sys", "shutil", "socket", "importlib",
-                      "runpy", "pty", "code", "codeop", "pickle", "_pickle", "marshal", "ctypes",
-                      "webbrowser", "multiprocessing", "tempfile",
-                      "asyncio", "signal", "builtins.__import__")
+# reaching other globals: never suggested for (nor accepted by) ``allow_classes``. A list can
+# never be complete: ``allow_classes`` also accepts only classes (see ``_import_class``).
+_DANGEROUS_MODULES = ("os", "posix", "nt", "subprocess", "_posixsubprocess", "sys", "shutil",
+                      "socket", "importlib", "runpy", "pty", "code", "codeop", "pickle",
+                      "_pickle", "marshal", "ctypes", "webbrowser", "multiprocessing", "tempfile",
+                      "asyncio", "signal", "builtins", "io", "_io", "codecs", "cProfile",
+                      "profile", "timeit", "pdb", "bdb", "trace", "pydoc", "inspect", "types",
+                      "gc", "operator", "threading", "_thread", "concurrent", "urllib", "http",
+                      "ftplib", "smtplib", "xmlrpc", "zipimport", "pkgutil", "dill",
+                      "cloudpickle", "joblib", "torch.serialization", "torch.hub", "torch.jit",
+                      "torch.package", "torch.utils.cpp_extension", "numpy.testing",
+                      "numpy.f2py", "numpy.distutils")
+# The functions ``allow_classes`` accepts besides classes: numpy's array and scalar rebuilders
+# (checkpoints holding numpy values need them; they only build arrays).
+_SAFE_FUNCTIONS = {"numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct",
+                   "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar"}
 _DANGEROUS_NAMES = {"builtins.eval", "builtins.exec", "builtins.compile", "builtins.open",
                     "builtins.getattr", "builtins.setattr", "builtins.delattr",
                     "builtins.globals", "builtins.locals", "builtins.vars", "builtins.input",
@@ -128,8 +139,9 @@ def _import_class(qualname: str) -> type:
         obj = getattr(importlib.import_module(module_name), attr)
     except Exception as exc:  # noqa: BLE001 - any import failure is the same user error
         raise UsageError(f"cannot import allowed class {qualname!r}: {exc}") from None
-    if not callable(obj):
-        raise UsageError(f"{qualname!r} is not a class or function")
+    if not isinstance(obj, type) and qualname not in _SAFE_FUNCTIONS:
+        raise UsageError(f"`allow_classes` {qualname}: refused: not a class; allowing a "
+                         "function by name would let the file call it with any arguments")
     return obj  # type: ignore[no-any-return]
 
 

@@ -68,6 +68,9 @@ def build_model(spec: str, kwargs: Mapping[str, Any] | str | None = None) -> nn.
     cwd_importable()
     try:
         obj: Any = importlib.import_module(module_name)
+    except SystemExit as exc:  # sys.exit or argparse at import: never wsconvert's exit code
+        raise ModelSpecError(f"cannot import {module_name!r} for `model` {spec}: it called "
+                             f"sys.exit({exc.code!r}) on import") from None
     except Exception as exc:  # noqa: BLE001 - user code can raise anything on import
         raise ModelSpecError(f"cannot import {module_name!r} for `model` {spec}: "
                              f"{type(exc).__name__}: {exc}") from None
@@ -79,6 +82,9 @@ def build_model(spec: str, kwargs: Mapping[str, Any] | str | None = None) -> nn.
         raise ModelSpecError(f"`model` {spec}: {attr!r} is not callable")
     try:
         model = obj(**arguments)
+    except SystemExit as exc:  # the factory's exit code must not become the gate's
+        raise ModelSpecError(f"`model` {spec} called sys.exit({exc.code!r}) instead of "
+                             "building the model") from None
     except Exception as exc:  # noqa: BLE001 - user code can raise anything
         raise ModelSpecError(f"`model` {spec} failed to build the model: "
                              f"{type(exc).__name__}: {exc}") from None
