@@ -30,7 +30,12 @@ from typer.testing import CliRunner
 
 import wsconvert
 from wsconvert.cli.app import app
-from wsconvert.errors import CheckpointError, UntrustedCheckpointError, WsconvertError
+from wsconvert.errors import (
+    CheckpointError,
+    UntrustedCheckpointError,
+    UsageError,
+    WsconvertError,
+)
 
 EXE = shutil.which("wsconvert", path=str(Path(sys.executable).parent)) or "wsconvert"
 RUNNER = CliRunner()
@@ -339,6 +344,12 @@ def test_report_flags_never_overwrite_inputs(files: dict[str, Path]) -> None:
     bad([*check, "--inputs", inputs, "--save-failing", "."], d, "in.pt", "--save-failing")
     (d / "report.json").write_text("{\"mine\": 1}")
     bad([*check, "--save-failing", "."], d, "report.json", "--force")
+    # ... and DIR itself, or a directory it would be made in, is never a file of the run.
+    bad([*check, "--report", "outx", "--save-failing", "outx"], d, "--save-failing outx",
+        "--report outx")
+    bad([*check, "--junit", "outy", "--save-failing", "outy/sub"], d, "--junit outy")
+    (d / "plain.txt").write_text("x")
+    bad([*check, "--save-failing", "plain.txt/sub"], d, "plain.txt", "not a directory")
     for alias in _links(d, ws, "ws.pt"):
         bad([*check, "--report", alias], d, "--report")
     _links(d, files["state"], "state.pt")
@@ -359,6 +370,30 @@ def test_report_flags_never_overwrite_inputs(files: dict[str, Path]) -> None:
                           "--save-failing", "failing")
     assert code == 0, err
     assert (d / "r.json").exists() and (d / "r.xml").exists()
+
+
+def test_save_failing_is_named_in_the_report_file_too(files: dict[str, Path]) -> None:
+    d = files["ws"].parent
+    code, out, err = invoke("check", files["onnx"], "--against", files["ws"], "-m",
+                            "wsnets:build", "--atol", "0", "--rtol", "0", "--report", "r0.json",
+                            "--save-failing", "sf", "--json")
+    assert code == 1, err  # a parity failure stays exit 1
+    assert json.loads((d / "r0.json").read_text())["failing_inputs_saved_to"] == "sf"
+    assert '"failing_inputs_saved_to": "sf"' in out
+    assert (d / "sf" / "report.json").exists()
+
+
+def test_an_unwritable_output_directory_is_found_before_any_work(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from wsconvert.io.atomic import check_output
+
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == tmp_path
+                        else real(p, mode))
+    with pytest.raises(UsageError, match=r"cannot write to .* \(permission denied\)"):
+        check_output(tmp_path / "out.pt")
+    with pytest.raises(UsageError, match="permission denied"):  # made later, under tmp_path
+        check_output(tmp_path / "new" / "sub" / "x.pt", parent_may_be_missing=True)
 
 
 def test_demo_never_overwrites_without_force(nets_dir: Path) -> None:

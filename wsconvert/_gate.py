@@ -70,6 +70,15 @@ def plan_gate(outputs: OutputSet, seeds: int, batch_sizes: str | Sequence[int] |
                          "`inputs`")
     if failing is not None and failing.exists() and not failing.is_dir():
         raise UsageError(f"`save_failing` {failing}: exists and is not a directory")
+    if failing is not None:
+        # The directory (or one it would be made in) must not be a file this run writes.
+        for d in (failing, *failing.parents):
+            if d.exists():
+                break
+            clash = outputs.claim_of(d)
+            if clash is not None:
+                raise UsageError(f"`save_failing` {failing}: would be a directory at {clash}'s "
+                                 "path; give each output its own place")
     return GatePlan(seeds, parse_batch_sizes(batch_sizes),
                     None if inputs is None else Path(inputs), atol, rtol, files["report"],
                     files["junit"], failing, min_top1_agreement, locate, image_size, mean, std)
@@ -123,6 +132,8 @@ def run_gate(plan: GatePlan, outputs: OutputSet, onnx_path: Path, run_path: Path
                           rtol=plan.rtol, min_top1_agreement=plan.min_top1_agreement,
                           locate=plan.locate)
     report.meta["onnx"] = str(onnx_path)
+    if plan.save_failing is not None and report.failures:
+        report.meta["failing_inputs_saved_to"] = str(plan.save_failing)  # in the reports too
     if plan.report is not None:
         outputs.stage(plan.report).write_text(report.to_json())
     if plan.junit is not None:
@@ -131,5 +142,5 @@ def run_gate(plan: GatePlan, outputs: OutputSet, onnx_path: Path, run_path: Path
 
 
 def save_failing(plan: GatePlan, report: ParityReport, sets: list[InputSet]) -> None:
-    if plan.save_failing and save_failing_inputs(report, sets, plan.save_failing):
-        report.meta["failing_inputs_saved_to"] = str(plan.save_failing)
+    if plan.save_failing:
+        save_failing_inputs(report, sets, plan.save_failing)

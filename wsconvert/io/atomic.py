@@ -115,7 +115,20 @@ def check_output(path: PathLike, *, force: bool = False, protect: Sequence[Prote
             raise OutputExistsError(f"{label}: already exists (pass `force=True` to overwrite)")
     if not parent_may_be_missing and not write.parent.is_dir():
         raise UsageError(f"{label}: output directory {write.parent} does not exist")
+    _check_writable(write.parent, label)
     return write
+
+
+def _check_writable(directory: Path, label: str) -> None:
+    """The directory that will hold an output (or, when it does not exist yet, the nearest one
+    that does, where it will be made) is writable: found now, not after the work."""
+    d = directory
+    while not d.exists() and d != d.parent:
+        d = d.parent
+    if not d.is_dir():
+        raise UsageError(f"{label}: {d} is not a directory, so nothing can be written under it")
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise UsageError(f"{label}: cannot write to {d} (permission denied)")
 
 
 def _umask() -> int:
@@ -292,6 +305,10 @@ class OutputSet:
         self._claim(target, write, name)
         self._write[target] = write
         return target
+
+    def claim_of(self, path: PathLike) -> str | None:
+        """What claimed ``path`` as an output file (its label), if anything did."""
+        return self._claimed.get(identity(path))
 
     def reserve(self, path: PathLike, *, name: str | None = None) -> Path:
         """Check and claim a file written later outside the set (its directory may not exist
