@@ -12,7 +12,6 @@ plain text, JSON or JUnit XML.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -24,6 +23,7 @@ from xml.etree import ElementTree as ET
 import torch
 from torch import Tensor, nn
 
+from wsconvert._json import dumps
 from wsconvert.defaults import GATE_ATOL, GATE_RTOL
 from wsconvert.errors import CheckpointError, UsageError, WsconvertError
 from wsconvert.io.atomic import save_state_dict, write_text
@@ -186,7 +186,7 @@ class ParityReport:
         return "\n".join(lines)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, default=str)
+        return dumps(self.to_dict())
 
     def to_junit(self) -> str:
         """JUnit XML: one test case per output per input set per stage."""

@@ -283,3 +283,32 @@ def test_error_names_the_file_it_is_about(cli: Cli, net_state: Path) -> None:
                    cwd=d)
     _, _, err = cli.invoke("check", "missing.onnx", "--against", net_state, "-m", "wsnets:build")
     assert err.startswith("error: missing.onnx: ")
+
+
+def test_json_output_is_strict_json(cli: Cli, net_state: Path) -> None:
+    """Overflowing drift figures (finite weights, infinite relative change) and NaN statistics
+    come out as "inf" / null, never the bare Infinity / NaN that strict parsers reject."""
+    import json
+
+    d = net_state.parent
+    sd = torch.load(net_state, weights_only=True)
+    sd["head.weight"] = sd["head.weight"] * 1e38
+    sd["bn.weight"] = sd["bn.weight"] * 1e38
+    torch.save(sd, d / "huge.pt")
+
+    def refuse(token: str) -> None:
+        raise AssertionError(f"non-strict JSON constant {token}")
+
+    code, out, err = cli.invoke("apply", "huge.pt", "-m", "wsnets:build", "-o", "huge.ws.pt",
+                                "--json")
+    assert code == 0, err
+    assert '"inf"' in out
+    json.loads(out, parse_constant=refuse)
+    nan = dict(torch.load(net_state, weights_only=True))
+    nan["head.weight"] = nan["head.weight"].clone()
+    nan["head.weight"][0, 0] = float("nan")
+    torch.save(nan, d / "nanhead.pt")
+    code, out, err = cli.invoke("inspect", "nanhead.pt", "-m", "wsnets:build",
+                                "--allow-nonfinite", "--json")
+    assert code == 0, err
+    json.loads(out, parse_constant=refuse)

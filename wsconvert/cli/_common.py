@@ -4,7 +4,6 @@ error-to-exit-code mapping."""
 from __future__ import annotations
 
 import functools
-import json
 import os
 import signal
 import sys
@@ -20,6 +19,7 @@ from rich.console import Console
 from rich.markup import escape as rich_escape
 
 from wsconvert import defaults
+from wsconvert._json import dumps
 from wsconvert.cli._errors import cli_text
 from wsconvert.errors import ConversionError, WsconvertError, strip_ansi
 
@@ -100,7 +100,7 @@ class Output:
 
     def data(self, payload: dict[str, Any]) -> None:
         if self.as_json:
-            sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
+            sys.stdout.write(dumps(payload) + "\n")
 
     def note(self, message: str) -> None:
         self.err.print(message)
