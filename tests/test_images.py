@@ -104,3 +104,16 @@ def test_mixed_sizes_load_with_image_size(tmp_path: Path) -> None:
     _png(tmp_path / "b.png", (4, 3), (0, 0, 0))
     assert load_image_folder(tmp_path, image_size=3, limit=1).shape == (1, 3, 3, 3)
     assert load_image_folder(tmp_path, image_size=3).shape == (2, 3, 3, 3)
+
+
+def test_image_size_limit_edge() -> None:
+    """A mistyped --image-size (40000) is refused before one image allocates tens of GB; the
+    largest square that fits the limit passes."""
+    from wsconvert.io.images import MAX_IMAGE_ELEMENTS, _size
+
+    assert 3 * 6688 * 6688 <= MAX_IMAGE_ELEMENTS < 3 * 6689 * 6689
+    assert _size(6688) == (6688, 6688)
+    assert _size((4096, 10922)) == (4096, 10922)  # 3 * 4096 * 10922 just inside
+    for size in (6689, (4096, 10923), 40000):
+        with pytest.raises(UsageError, match=r"`image_size` .* above the limit"):
+            _size(size)

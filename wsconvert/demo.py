@@ -91,7 +91,9 @@ def check_outputs(config: DemoConfig) -> None:
         OutputExistsError, UsageError: naming the file.
     """
     for name in FILES:
+        # The bundled example is the demo's input: never replaced, even with ``force``.
         check_output(config.out_dir / name, force=config.force, name="out_dir",
+                     protect=[EXAMPLE_CHECKPOINT],
                      parent_may_be_missing=True)
 
 

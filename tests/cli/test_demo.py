@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import pytest
 import torch
 
 import wsconvert
@@ -45,3 +46,17 @@ def test_demo_never_writes_into_the_package(cli: Cli, tmp_path: Path) -> None:
     assert "demo complete in" in proc.stdout and "wsconvert-demo-" in proc.stdout
     assert sorted(p.name for p in EXAMPLE_CHECKPOINT.parent.iterdir()) == before
     assert list(tmp_path.iterdir()) == []
+
+
+def test_demo_never_replaces_its_bundled_input(cli: Cli, tmp_path: Path) -> None:
+    """--out-dir at the package's examples with --force: the example checkpoint is an input."""
+    from wsconvert.demo import DemoConfig, check_outputs
+    from wsconvert.errors import UsageError
+
+    before = cli.sha(EXAMPLE_CHECKPOINT)
+    with pytest.raises(UsageError, match=r"would overwrite the input .*tinynet\.pt"):
+        check_outputs(DemoConfig.quick(EXAMPLE_CHECKPOINT.parent, force=True))
+    proc = cli.run("demo", "--quick", "--force", "--out-dir", EXAMPLE_CHECKPOINT.parent,
+                   in_process=True)
+    cli.one_line_error(proc, 2, "tinynet.pt", "never replaces an input")
+    assert cli.sha(EXAMPLE_CHECKPOINT) == before

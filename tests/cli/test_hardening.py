@@ -312,3 +312,32 @@ def test_json_output_is_strict_json(cli: Cli, net_state: Path) -> None:
                                 "--allow-nonfinite", "--json")
     assert code == 0, err
     json.loads(out, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bool, torch.int32, torch.float8_e4m3fn])
+def test_integer_or_8_bit_weights_are_refused_not_cast(cli: Cli, net_state: Path,
+                                                       dtype: torch.dtype) -> None:
+    d = net_state.parent
+    sd = torch.load(net_state, weights_only=True)
+    sd["stem.weight"] = sd["stem.weight"].to(dtype)
+    torch.save(sd, d / "typed.pt")
+    name = str(dtype).replace("torch.", "")
+    cli.assert_bad(["apply", "typed.pt", "-m", "wsnets:build"], "typed.pt",
+                   f"not floating point (stem.weight {name} for float32)", cwd=d)
+    half = torch.load(net_state, weights_only=True)
+    half["stem.weight"] = half["stem.weight"].half()  # another float width: cast, as torch does
+    torch.save(half, d / "half.pt")
+    assert cli.invoke("apply", "half.pt", "-m", "wsnets:build", "--force")[0] == 0
+
+
+def test_bench_takes_the_flag_its_error_suggests(cli: Cli, net_state: Path) -> None:
+    d = net_state.parent
+    sd = torch.load(net_state, weights_only=True)
+    sd["head.weight"] = sd["head.weight"].clone().fill_(float("nan"))
+    torch.save(sd, d / "nanhead.pt")
+    args = ["bench", "nanhead.pt", "-m", "wsnets:build", "--input-shape", "3,8,8",
+            "--batch-sizes", "1", "--rounds", "1", "--warmup", "0", "--convention", "paper",
+            "--no-references"]
+    cli.assert_bad(args, "nanhead.pt", "--allow-nonfinite", cwd=d)
+    code, _, err = cli.invoke(*args, "--allow-nonfinite")
+    assert code == 0, err

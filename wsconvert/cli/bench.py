@@ -9,6 +9,7 @@ import typer
 
 from wsconvert.cli._common import (
     AllowClassOpt,
+    AllowNonfiniteOpt,
     JsonOpt,
     ModelKwargsOpt,
     ModelOpt,
@@ -72,6 +73,7 @@ def bench_cmd(
     model_kwargs: ModelKwargsOpt = None,
     trust: TrustOpt = False,
     allow_class: AllowClassOpt = None,
+    allow_nonfinite: AllowNonfiniteOpt = False,
     input_shape: Annotated[str, typer.Option(
         "--input-shape", metavar="C,H,W", help="One sample's shape (batch excluded).")
     ] = "3,64,64",
@@ -133,7 +135,7 @@ def bench_cmd(
         from wsconvert.io.wsfile import load_model
 
         loaded = load_model(checkpoint, model, model_kwargs, trust=trust,
-                            allow_classes=allow_class or ())
+                            allow_classes=allow_class or (), allow_nonfinite=allow_nonfinite)
         for note in loaded.notes:
             out.note(f"[yellow]note:[/] {escape(note)}")
         net, name = loaded.model, str(checkpoint)

@@ -27,7 +27,8 @@ from wsconvert.errors import UsageError
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_SUFFIXES", "image_files", "load_image_folder"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_SUFFIXES", "MAX_IMAGE_ELEMENTS", "image_files",
+           "load_image_folder"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -59,6 +60,11 @@ def image_files(folder: str | os.PathLike[str]) -> list[Path]:
     return sorted(found)
 
 
+MAX_IMAGE_ELEMENTS = 2**27
+"""The most values one resized image may hold (3 x height x width): a mistyped ``image_size``
+is refused before it allocates tens of GB per image."""
+
+
 def _size(image_size: int | Sequence[int] | None) -> tuple[int, int] | None:
     if image_size is None:
         return None
@@ -67,7 +73,12 @@ def _size(image_size: int | Sequence[int] | None) -> tuple[int, int] | None:
                                   for s in sizes):
         raise UsageError(f"`image_size` must be a positive integer or (height, width), got "
                          f"{image_size!r}")
-    return int(sizes[0]), int(sizes[1])
+    height, width = int(sizes[0]), int(sizes[1])
+    if 3 * height * width > MAX_IMAGE_ELEMENTS:
+        raise UsageError(f"`image_size` {height}x{width}: one image would hold "
+                         f"{3 * height * width:,} values, above the limit of "
+                         f"{MAX_IMAGE_ELEMENTS:,} (6,688 x 6,688 pixels square)")
+    return height, width
 
 
 def _stats(values: Sequence[float], name: str, positive: bool) -> Tensor:

@@ -104,6 +104,12 @@ def load_state_dict_strict(model: nn.Module, state: Mapping[str, torch.Tensor], 
     unexpected = [k for k in state if k not in own]
     misshaped = [f"{k} {list(state[k].shape)} vs model {list(own[k].shape)}"
                  for k in own if k in state and state[k].shape != own[k].shape]
+    # Integer, bool or 8-bit float values would be cast silently into the model's floats: a
+    # quantized or mislabeled file, not the weights it claims to be.
+    mistyped = [f"{k} {str(state[k].dtype).replace('torch.', '')} for "
+                f"{str(own[k].dtype).replace('torch.', '')}"
+                for k in own if k in state and own[k].is_floating_point()
+                and (not state[k].is_floating_point() or state[k].element_size() == 1)]
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing ({_list(missing)})")
@@ -111,6 +117,8 @@ def load_state_dict_strict(model: nn.Module, state: Mapping[str, torch.Tensor], 
         problems.append(f"{len(unexpected)} unexpected ({_list(unexpected)})")
     if misshaped:
         problems.append(f"{len(misshaped)} mis-shaped ({_list(misshaped, 2)})")
+    if mistyped:
+        problems.append(f"{len(mistyped)} not floating point ({_list(mistyped, 2)})")
     if problems:
         raise CheckpointError(f"{where}: state dict does not fit the model: " + "; ".join(problems))
     try:
