@@ -938,3 +938,18 @@ def test_fuzz_output_path_collisions(files: dict[str, Path]) -> None:
             succeeded += 1
         assert not [p for p in d.iterdir() if p.name.startswith(".")], case
     assert refused >= 10 and succeeded >= 5, (refused, succeeded)
+
+
+def test_outputs_never_replace_the_model_code(files: dict[str, Path]) -> None:
+    """--model wsnets:build reads wsnets.py: a report, JUnit file or checkpoint written over it
+    (a typo, or --force) would destroy the code that builds the model."""
+    d = files["ws"].parent
+    code_file = d / "wsnets.py"
+    before = code_file.read_text()
+    m = ["-m", "wsnets:build"]
+    check = ["check", files["onnx"], "--against", files["ws"], *m]
+    bad([*check, "--junit", "wsnets.py"], d, "wsnets.py", "never replaces an input")
+    bad([*check, "--report", "./wsnets.py"], d, "wsnets.py")
+    bad(["apply", files["state"], *m, "-o", "wsnets.py", "--force"], d, "wsnets.py")
+    bad(["fold", files["ws"], *m, "-o", "wsnets.py", "--force"], d, "wsnets.py")
+    assert code_file.read_text() == before

@@ -52,6 +52,7 @@ from wsconvert.io.atomic import (
 )
 from wsconvert.io.inputs import check_input_size, infer_input_shape, load_samples, parse_shapes
 from wsconvert.io.safe import check_file
+from wsconvert.io.spec import factory_source
 from wsconvert.io.state import load_weights_into
 from wsconvert.io.wsfile import LoadedModel, check_finite, load_model, ws_payload
 from wsconvert.norms import NormSwapReport, check_groups, swap_norm
@@ -96,11 +97,14 @@ def default_output(checkpoint: PathLike, suffix: str) -> Path:
     return path.with_name(f"{stem}{suffix}")
 
 
-def _inputs(**paths: PathLike | None) -> list[Protected]:
+def _inputs(model: str | None = None, **paths: PathLike | None) -> list[Protected]:
     """The run's input files, by parameter name (not for the positional ones), for the output
-    checks."""
+    checks; with ``model``, the file defining its factory too (an output never replaces the
+    code that builds the model)."""
+    source = factory_source(model)
     return [path if name in ("checkpoint", "onnx_file") else (name, path)
-            for name, path in paths.items() if path is not None]
+            for name, path in paths.items() if path is not None] + (
+        [] if source is None else [source])
 
 
 def _check_float32(model: nn.Module, where: PathLike) -> None:
@@ -256,7 +260,7 @@ def convert(checkpoint: PathLike, output: PathLike | None = None, *, model: str 
     recover_options = _recover_options(calib_data, calibrate, recover_steps, recover_batch_size,
                                        recover_lr, recover_holdout, image_size, mean, std,
                                        recover_augment, recover_seed)
-    with OutputSet(force=force, protect=_inputs(checkpoint=checkpoint, inputs=inputs,
+    with OutputSet(force=force, protect=_inputs(model, checkpoint=checkpoint, inputs=inputs,
                                                 calib_data=calib_data)) as outputs:
         target = outputs.add(output if output is not None else default_output(checkpoint,
                                                                               ".ws.pt"),
@@ -380,7 +384,7 @@ def gate(onnx_file: PathLike, against: PathLike, *, model: str | None = None,
         WsconvertError: bad options or files (nothing is written then).
     """
     onnx_path = Path(onnx_file)
-    with OutputSet(force=force, protect=_inputs(onnx_file=onnx_file, against=against,
+    with OutputSet(force=force, protect=_inputs(model, onnx_file=onnx_file, against=against,
                                                 inputs=inputs)) as outputs:
         plan = plan_gate(outputs, seeds, batch_sizes, inputs, atol, rtol, report, junit,
                          save_failing, min_top1_agreement, locate, image_size, mean, std)
@@ -486,7 +490,7 @@ def fold_and_export(checkpoint: PathLike, output: PathLike | None = None, *,
                  "min_top1_agreement": min_top1_agreement,
                  "locate": None if locate == "on_failure" else locate,
                  "image_size": image_size, "mean": mean, "std": std}
-    protect = _inputs(checkpoint=checkpoint, from_ws=from_ws, inputs=inputs)
+    protect = _inputs(model, checkpoint=checkpoint, from_ws=from_ws, inputs=inputs)
     with OutputSet(force=force, protect=protect) as outputs:
         target = Path(output) if output is not None else default_output(checkpoint, ".folded.pt")
         check_weights_output(target, whole_module=whole_module)

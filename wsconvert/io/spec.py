@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import sys
 import warnings
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -19,7 +22,7 @@ from torch import nn
 from wsconvert.errors import ModelSpecError, UsageError
 from wsconvert.io.safe import cwd_importable
 
-__all__ = ["BUNDLED_FACTORIES", "ZOOS", "build_model", "parse_kwargs"]
+__all__ = ["BUNDLED_FACTORIES", "ZOOS", "build_model", "factory_source", "parse_kwargs"]
 
 BUNDLED_FACTORIES = frozenset({"wsconvert.examples.tinynet:build"})
 """wsconvert's own model builders: a checkpoint that records one of these needs no consent to
@@ -44,6 +47,25 @@ def parse_kwargs(kwargs: Mapping[str, Any] | str | None) -> dict[str, Any]:
     if not isinstance(parsed, dict):
         raise UsageError("`model_kwargs` must be a JSON object")
     return parsed
+
+
+def factory_source(spec: str | None) -> Path | None:
+    """The file that defines the module of a ``MODULE:FACTORY`` spec, found on ``sys.path``
+    (and the current directory, last, as :func:`build_model` imports it) without importing
+    anything; ``None`` for the bundled zoo short forms or when none is found. An input of the
+    run: no output may replace the code that builds the model."""
+    if spec is None:
+        return None
+    module_name = spec.partition(":")[0]
+    if not module_name or module_name in ZOOS:
+        return None
+    parts = module_name.split(".")
+    for entry in [*sys.path, os.getcwd()]:
+        base = Path(entry or ".").joinpath(*parts)
+        for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+            if candidate.is_file():
+                return candidate
+    return None
 
 
 def build_model(spec: str, kwargs: Mapping[str, Any] | str | None = None) -> nn.Module:
