@@ -953,3 +953,19 @@ def test_outputs_never_replace_the_model_code(files: dict[str, Path]) -> None:
     bad(["apply", files["state"], *m, "-o", "wsnets.py", "--force"], d, "wsnets.py")
     bad(["fold", files["ws"], *m, "-o", "wsnets.py", "--force"], d, "wsnets.py")
     assert code_file.read_text() == before
+
+
+def test_input_files_and_source_files_get_their_own_message(tmp_path: Path) -> None:
+    import fractions
+
+    from wsconvert.errors import InputsError
+    from wsconvert.io.inputs import load_inputs
+
+    torch.save({"x": torch.zeros(2, 3, 8, 8), "c": fractions.Fraction(1, 3)}, tmp_path / "in.pt")
+    with pytest.raises(InputsError, match="input files hold tensors only") as info:
+        load_inputs(tmp_path / "in.pt")
+    assert "trust" not in str(info.value)  # --trust is for the model, never for inputs
+    (tmp_path / "nets.py").write_text("import torch\nfrom torch import nn\n")
+    with pytest.raises(CheckpointError, match="looks like Python source") as err:
+        wsconvert.load_model(tmp_path / "nets.py", "nets:build")
+    assert "mport" not in str(err.value)  # no 'globals' read from text

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from wsconvert.defaults import EXPORT_SPATIAL
-from wsconvert.errors import CheckpointError, InputsError, UsageError
+from wsconvert.errors import CheckpointError, InputsError, UntrustedCheckpointError, UsageError
 from wsconvert.io.images import load_image_folder
 from wsconvert.io.safe import check_file, read_checkpoint
 
@@ -134,6 +134,11 @@ def _read(p: Path, name: str) -> Any:
         check_file(p)
         if p.suffix not in (".npz", ".npy"):
             return read_checkpoint(p)
+    except UntrustedCheckpointError as exc:
+        # Never loaded with trust (the flag is for the model): say what an input file may hold.
+        what = str(exc).split(";")[0]
+        raise InputsError(f"`{name}` {what}; input files hold tensors only (a tensor, or a "
+                          "tuple / list / dict of tensors), read without running code") from None
     except CheckpointError as exc:
         raise InputsError(f"`{name}` {exc}") from None
     try:

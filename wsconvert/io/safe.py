@@ -127,6 +127,9 @@ def _describe_unreadable(path: Path, exc: BaseException) -> str:
                 return "is a zip file but not a PyTorch checkpoint"
     if path.suffix == ".onnx" or head[:1] == b"\x08":
         return "looks like an ONNX model, not a PyTorch checkpoint"
+    if path.suffix == ".py" or head.startswith((b"import ", b"from ", b"#", b'"""')):
+        return ("looks like Python source, not a PyTorch checkpoint (code that builds the model "
+                "goes in `model` as MODULE:FACTORY)")
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return f"not a readable PyTorch checkpoint ({reason[:160]})"
 
@@ -207,9 +210,14 @@ def unsafe_globals(path: Path) -> list[str]:
             return list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
         from torch import _weights_only_unpickler as unpickler
 
+        data = path.read_bytes()
+        if data[:1] != b"\x80":
+            # Not a pickle of protocol 2 or later (torch writes those; text such as a .py file
+            # would parse as a protocol-0 pickle and name nonsense "globals").
+            return []
         safe = set(unpickler._get_allowed_globals()) | set(
             unpickler._get_user_allowed_globals())  # type: ignore[no-untyped-call]
-        return [n for n in _pickle_globals(path.read_bytes()) if n not in safe]
+        return [n for n in _pickle_globals(data) if n not in safe]
     except Exception:  # noqa: BLE001 - only used to enrich an error message
         return []
 
