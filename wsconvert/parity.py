@@ -502,14 +502,22 @@ def graph_input_shapes(onnx_path: str | os.PathLike[str],
     return shapes, dynamic
 
 
+def _ort_message(exc: BaseException, limit: int = 400) -> str:
+    """onnxruntime's message as one line: it puts what is wrong on its second line ("index: 2
+    Got: 16 Expected: 8"), so every line is kept, joined."""
+    text = " ".join(str(exc).split())
+    text = text or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _onnx_session(path: Path) -> Any:
     import onnxruntime as ort
 
     try:
         return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: onnxruntime cannot load it ({msg[:200]})") from None
+        raise CheckpointError(f"{path}: onnxruntime cannot load it ({_ort_message(exc)})"
+                              ) from None
 
 
 def check_parity(onnx_path: str | os.PathLike[str], reference: nn.Module,
@@ -577,8 +585,8 @@ def check_parity(onnx_path: str | os.PathLike[str], reference: nn.Module,
         try:
             outs = session.run(None, feed)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UsageError(f"onnxruntime rejected input set {s.name}: {msg[:200]}") from None
+            raise UsageError(f"onnxruntime rejected input set {s.name}: {_ort_message(exc)}"
+                             ) from None
         _compare_all(report, "export", s.name, base, [torch.from_numpy(o) for o in outs])
     if min_top1_agreement is not None and not any(c.classifier for c in report.comparisons):
         raise UsageError("`min_top1_agreement`: no output is classifier-like (2-D, more than one "

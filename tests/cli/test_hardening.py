@@ -341,3 +341,11 @@ def test_bench_takes_the_flag_its_error_suggests(cli: Cli, net_state: Path) -> N
     cli.assert_bad(args, "nanhead.pt", "--allow-nonfinite", cwd=d)
     code, _, err = cli.invoke(*args, "--allow-nonfinite")
     assert code == 0, err
+
+
+def test_onnxruntime_errors_keep_the_line_that_says_what_is_wrong(cli: Cli,
+                                                                  net_state: Path) -> None:
+    d = net_state.parent
+    proc = cli.run("check", _good_onnx(d), "--against", net_state, "-m", "wsnets:build",
+                   "--input-shape", "1,3,16,16", in_process=True)
+    cli.one_line_error(proc, 2, "onnxruntime rejected input set", "Got: 16 Expected: 8")
