@@ -389,6 +389,7 @@ def test_cli_and_api_give_the_same_model(cli: Any, net_state: Path, calib: Path)
                    "--calib-data", calib, "--recover-steps", "3", "--recover-seed", "5",
                    "--input-shape", "2,3,8,8", "--json", cwd=net_state.parent)
     assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""  # no progress bar (nor its blank line) when stderr is a log
     payload = json.loads(proc.stdout)["recovery"]
     assert [s["stage"] for s in payload["stages"]] == ["converted", "closed-form", "distill"]
     assert (payload["samples_fit"], payload["samples_holdout"], payload["steps_run"]) == (19, 5, 3)

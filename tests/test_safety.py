@@ -672,11 +672,45 @@ def test_interrupt_while_writing_cleans_up(net_state: Path,
     proc = run("apply", net_state, "-m", "wsnets:build", "--no-drift", cwd=d,
                env={"PYTHONPATH": str(hook)}, timeout=120)
     assert proc.returncode == code, proc.stderr
-    error_line(code, proc.stderr, "interrupted")
+    error_line(code, proc.stderr, "interrupted", "before any output was written")
     assert not (d / "net.ws.pt").exists()
     assert not [p.name for p in d.iterdir() if p.name.startswith(".")]
     assert sha(net_state) == before
     assert getattr(signal, name)  # the signal exists on this platform
+
+
+COMMIT_HOOK = '''
+import os, signal
+
+_replace = os.replace
+
+
+def replace(src, dst):
+    _replace(src, dst)
+    if os.fspath(dst).endswith(".folded.pt"):  # the first of the outputs moved into place
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+os.replace = replace
+'''
+
+
+def test_a_signal_while_outputs_move_into_place_waits_for_all(
+        files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> None:
+    """SIGTERM after the first output is in place: the others follow (all old or all new), and
+    the error line says they were written instead of claiming nothing was."""
+    d = files["ws"].parent
+    hook = tmp_path_factory.mktemp("commit-hook")
+    (hook / "sitecustomize.py").write_text(COMMIT_HOOK)
+    proc = run("fold", files["ws"], "-m", "wsnets:build", "-o", "t.folded.pt", "--onnx",
+               "t.onnx", "--input-shape", SHAPE, "--report", "t.json", cwd=d,
+               env={"PYTHONPATH": str(hook)}, timeout=300)
+    assert proc.returncode == 143, proc.stderr
+    line = error_line(143, proc.stderr, "interrupted (SIGTERM) after its outputs were written")
+    for name in ("t.folded.pt", "t.onnx", "t.json"):
+        assert (d / name).exists() and name in line, name
+    assert json.loads((d / "t.json").read_text())["passed"] is True
+    assert not [p.name for p in d.iterdir() if p.name.startswith(".wsconvert-")]
 
 
 def test_probe_input_size_guard(files: dict[str, Path]) -> None:

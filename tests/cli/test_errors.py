@@ -54,3 +54,29 @@ def test_library_raises_name_parameters_not_flags() -> None:
             continue
         text = path.read_text()
         assert not raise_with_flag.search(text), f"{rel} raises an error naming a flag"
+
+
+def test_usage_errors_are_one_line_through_the_entry_point(tmp_path: Path) -> None:
+    """An unknown option, a value that does not parse, a missing option or command: one
+    ``error:`` line naming the command's help, exit 2, as for every other bad input."""
+    import shutil
+    import subprocess
+    import sys
+
+    exe = shutil.which("wsconvert", path=str(Path(sys.executable).parent)) or "wsconvert"
+    cases = [(["check", "m.onnx", "--atol", "abc"], "Invalid value for '--atol'"),
+             (["check", "m.onnx", "--nope"], "No such option: --nope"),
+             (["check", "m.onnx"], "Missing option '--against'"),
+             (["nosuch"], "No such command 'nosuch'")]
+    for argv, needle in cases:
+        proc = subprocess.run([exe, *argv], capture_output=True, text=True, cwd=tmp_path,
+                              timeout=120)
+        assert proc.returncode == 2, (argv, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], lines
+        assert "--help')" in lines[0]
+    for argv, code in ((["--version"], 0), (["--help"], 0), (["check"], 2)):
+        proc = subprocess.run([exe, *argv], capture_output=True, text=True, cwd=tmp_path,
+                              timeout=120)
+        assert proc.returncode == code, (argv, proc.stderr)
+        assert "error:" not in proc.stderr  # versions and help are not errors

@@ -167,6 +167,8 @@ def guarded(func: F) -> F:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         signals = _Signals()
+        atomic = sys.modules.get("wsconvert.io.atomic")  # never imported here (torch)
+        mark = 0 if atomic is None else len(atomic.COMMITTED)
         try:
             with signals.installed():
                 return func(*args, **kwargs)
@@ -175,7 +177,11 @@ def guarded(func: F) -> F:
         except BaseException as exc:
             if signals.received is not None or isinstance(exc, KeyboardInterrupt):
                 signum = signals.received or signal.SIGINT
-                _error_line(f"interrupted ({signal.Signals(signum).name}); no output was written")
+                atomic = sys.modules.get("wsconvert.io.atomic")
+                done = [] if atomic is None else atomic.COMMITTED[mark:]
+                what = (f"after its outputs were written ({', '.join(map(str, done))})" if done
+                        else "before any output was written")
+                _error_line(f"interrupted ({signal.Signals(signum).name}) {what}")
                 raise typer.Exit(128 + signum) from None
             if isinstance(exc, SystemExit):
                 # wsconvert itself exits through typer.Exit: this came from code it ran (a model

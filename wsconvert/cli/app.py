@@ -47,4 +47,21 @@ app.command("bench")(bench.bench_cmd)
 
 
 def main() -> None:
-    app()
+    """The console script: the app, with usage errors (an unknown option, a value that does not
+    parse, a missing argument) as one ``error:`` line and exit 2, like every other bad input."""
+    try:
+        code = app(standalone_mode=False)
+    except Exception as exc:
+        show = getattr(exc, "show", None)
+        message = getattr(exc, "format_message", None)
+        exit_code = getattr(exc, "exit_code", None)
+        if not (callable(show) and callable(message) and isinstance(exit_code, int)):
+            raise
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            show()  # a bare subcommand: its help, as before
+        else:
+            ctx = getattr(exc, "ctx", None)
+            where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            typer.echo(f"error: {' '.join(str(message()).split())}{where}", err=True)
+        raise SystemExit(exit_code) from None
+    raise SystemExit(code if isinstance(code, int) else 0)

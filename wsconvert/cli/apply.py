@@ -64,13 +64,15 @@ class _RecoveryView:
         self.previous: Any = None
 
     def __enter__(self) -> _RecoveryView:
-        self.bar.start()
+        if self.bar.console.is_terminal:  # in a log (CI) a live bar only leaves a blank line
+            self.bar.start()
         if threading.current_thread() is threading.main_thread():
             self.previous = signal.signal(signal.SIGINT, self._interrupt)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.bar.stop()
+        if self.bar.live.is_started:
+            self.bar.stop()
         if self.previous is not None:
             signal.signal(signal.SIGINT, self.previous)
 

@@ -8,8 +8,10 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import stat
 import tempfile
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -262,6 +264,27 @@ def save_state_dict(state: Mapping[str, torch.Tensor] | nn.Module | tuple[torch.
     return Path(path)
 
 
+COMMITTED: list[Path] = []
+"""Every file an :class:`OutputSet` moved into place in this process, in order (the command line
+says which, when a signal stops it after they were written)."""
+
+_HELD_SIGNALS = {getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n)}
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Delay Ctrl-C and termination signals until the block ends (POSIX, main thread)."""
+    mask = getattr(signal, "pthread_sigmask", None)
+    if mask is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = mask(signal.SIG_BLOCK, _HELD_SIGNALS)
+    try:
+        yield
+    finally:
+        mask(signal.SIG_SETMASK, previous)
+
+
 class OutputSet:
     """The outputs of one operation: checked up front, staged, committed together.
 
@@ -343,7 +366,8 @@ class OutputSet:
         return p
 
     def commit(self) -> list[Path]:
-        """Move every staged file into place; returns the final paths."""
+        """Move every staged file into place; returns the final paths. Ctrl-C and termination
+        signals wait until every file is moved: the outputs are all old or all new."""
         moved = []
         written = set(self._write.values())
         for parent, directory in self._staging.items():
@@ -352,8 +376,10 @@ class OutputSet:
                 if final not in written:
                     check_output(final, force=self.force, protect=self.protect)
                 moved.append((f, final))
-        for f, final in moved:
-            os.replace(f, final)
+        with _signals_held():
+            for f, final in moved:
+                os.replace(f, final)
+            COMMITTED.extend(final for _, final in moved)
         self.discard()
         return [final for _, final in moved]
 
