@@ -60,3 +60,10 @@ def test_demo_never_replaces_its_bundled_input(cli: Cli, tmp_path: Path) -> None
                    in_process=True)
     cli.one_line_error(proc, 2, "tinynet.pt", "never replaces an input")
     assert cli.sha(EXAMPLE_CHECKPOINT) == before
+
+
+def test_demo_out_dir_that_is_a_file_is_refused_first(cli: Cli, tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("x")
+    proc = cli.run("demo", "--quick", "--out-dir", tmp_path / "afile", in_process=True)
+    cli.one_line_error(proc, 2, "afile is not a directory")
+    assert (tmp_path / "afile").read_text() == "x"
