@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 import wsconvert
 from wsconvert.errors import (
@@ -163,3 +164,17 @@ def test_atomic_save_is_deterministic(tmp_path: Path) -> None:
     a, b = save_state_dict(sd, tmp_path / "a.pt"), save_state_dict(sd, tmp_path / "b.pt")
     assert a.read_bytes() == b.read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "b.pt"]
+
+
+def test_float8_values_load_into_float8_tensors() -> None:
+    """8-bit floats are refused only for wider floating-point tensors (a quantized file)."""
+    from wsconvert.errors import CheckpointError
+    from wsconvert.io.state import load_state_dict_strict
+
+    net = nn.Linear(2, 2)
+    net.register_buffer("scale8", torch.zeros(2, dtype=torch.float8_e4m3fn))
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    load_state_dict_strict(net, state, "f.pt")
+    state["weight"] = state["weight"].to(torch.float8_e4m3fn)
+    with pytest.raises(CheckpointError, match=r"not floating point \(weight float8_e4m3fn for"):
+        load_state_dict_strict(net, state, "f.pt")

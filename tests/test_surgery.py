@@ -136,6 +136,9 @@ def test_include_and_exclude_take_one_glob_as_a_string() -> None:
     assert [r.status for r in apply_ws(net, include="1").layers] == ["skipped", "converted"]
     with pytest.raises(UsageError, match="`include` takes glob strings"):
         apply_ws(net, include=[1])  # type: ignore[list-item]
+    with pytest.raises(UsageError, match="`exclude` takes glob strings"):
+        apply_ws(net, exclude=0)  # type: ignore[arg-type]
+    assert len(apply_ws(net, include=None, exclude=None).converted) == 2  # None: no filter
 
 
 def test_a_hook_computed_weight_is_skipped_and_nothing_is_half_converted() -> None:
@@ -181,7 +184,10 @@ def test_meta_device_weights_are_refused_in_one_line() -> None:
 def test_eps_must_be_a_number(eps: object) -> None:
     net = nn.Sequential(nn.Conv2d(3, 4, 3))
     if eps is None:
-        assert apply_ws(net, eps=0).layers[0].eps == 0.0  # an int is a number
+        import numpy as np
+
+        for number in (0, np.float32(1e-5), np.int64(0), torch.tensor(1e-5)):  # all numbers
+            assert apply_ws(net, eps=number).layers[0].eps == pytest.approx(float(number))
         return
     with pytest.raises(UsageError, match="eps must be a finite number >= 0"):
         apply_ws(net, eps=eps)  # type: ignore[arg-type]

@@ -126,6 +126,54 @@ def test_hessian_equals_the_oracles(convention: str) -> None:
     torch.testing.assert_close(hess, oracle, rtol=1e-7, atol=1e-9)
 
 
+@pytest.mark.parametrize("convention", ["timm", "paper"])
+def test_second_derivatives_at_a_constant_filter_are_finite(convention: str) -> None:
+    """A constant (e.g. zero-initialised) filter: eps inside the square root is smooth there
+    (its second derivatives are those of the formula), eps outside gets 0 like the fused
+    subgradient; NaN never."""
+    torch.manual_seed(5)
+    w = torch.randn(3, 2, 2, 2, dtype=torch.float64)
+    w[1] = 0.7
+    w.requires_grad_()
+    p = WeightStandardization(w.detach(), convention).double()
+    (g,) = torch.autograd.grad(p(w)[0].square().sum(), w, create_graph=True)
+    (gg,) = torch.autograd.grad(g.square().sum(), w)
+    assert bool(gg.isfinite().all())
+    if convention == "timm":  # against the oracle, which is smooth there too
+        w2 = w.detach().clone().requires_grad_()
+        (o,) = torch.autograd.grad(ORACLES[convention](w2)[0].square().sum(), w2,
+                                   create_graph=True)
+        (oo,) = torch.autograd.grad(o.square().sum(), w2)
+        torch.testing.assert_close(gg, oo, rtol=1e-7, atol=1e-9)
+
+
+def test_double_backward_under_activation_checkpointing() -> None:
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(6)
+    conv = apply_ws(nn.Conv2d(3, 4, 3), "paper").model.double()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    w = conv.parametrizations.weight.original
+
+    def penalty(use_checkpoint: bool) -> torch.Tensor:
+        out = (checkpoint(conv, x, use_reentrant=False) if use_checkpoint else conv(x))
+        (g,) = torch.autograd.grad(out.square().sum(), w, create_graph=True)
+        return g.square().sum()
+
+    expected = torch.autograd.grad(penalty(False), w)[0]
+    torch.testing.assert_close(torch.autograd.grad(penalty(True), w)[0], expected)
+
+
+def test_writing_the_weight_between_forward_and_backward_is_allowed() -> None:
+    """As before second-order support: the first-order backward never reads the weight."""
+    conv = apply_ws(nn.Conv2d(3, 4, 3), "paper").model
+    out = conv(torch.randn(1, 3, 6, 6))
+    with torch.no_grad():
+        conv.parametrizations.weight.original.mul_(2)
+    out.sum().backward()
+    assert conv.parametrizations.weight.original.grad is not None
+
+
 def test_gradcheck_transposed() -> None:
     p, _, w = _gradcheck_inputs("paper", "plain", transposed=True)
     assert torch.autograd.gradcheck(p, (w,))

@@ -24,6 +24,7 @@ turn conv, transposed-conv and linear weights into rows and back.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -93,10 +94,13 @@ def check_eps(eps: float) -> float:
     Raises:
         UsageError: anything else (negative, NaN, inf, a bool, a string).
     """
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (
-            math.isfinite(eps) and eps >= 0):
+    value = math.nan
+    if not isinstance(eps, (bool, str, bytes)):  # float("1e-5") and float(True) would pass
+        with contextlib.suppress(TypeError, ValueError, RuntimeError):
+            value = float(eps)  # Python, numpy and 0-d tensor numbers
+    if not (math.isfinite(value) and value >= 0):
         raise UsageError(f"eps must be a finite number >= 0, got {eps!r}")
-    return float(eps)
+    return value
 
 
 def get_convention(name: str) -> Convention:

@@ -178,11 +178,16 @@ def _skip_reason(name: str, module: nn.Module, include: Sequence[str], exclude: 
     return ""
 
 
-def _globs(value: str | Sequence[str], name: str) -> tuple[str, ...]:
+def _globs(value: str | Sequence[str] | None, name: str) -> tuple[str, ...]:
     """``include`` / ``exclude`` as a tuple of globs (one glob may come as a plain string)."""
+    if value is None:
+        return ()
     if isinstance(value, str):
         return (value,)
-    globs = tuple(value)
+    try:
+        globs = tuple(value)
+    except TypeError:
+        globs = (value,)  # type: ignore[assignment]
     if not all(isinstance(g, str) for g in globs):
         raise UsageError(f"`{name}` takes glob strings, got {value!r}")
     return globs

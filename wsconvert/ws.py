@@ -92,19 +92,23 @@ def _only_holder(work: Tensor) -> bool:
 def _plain_standardize(weight: Tensor, eps: float, unbiased: bool, eps_in_sqrt: bool,
                        transposed: bool, groups: int, scale: Tensor | None,
                        shift: Tensor | None, n: int) -> Tensor:
-    """:class:`_Standardize`'s forward in plain autograd ops (same steps, same dtypes, so the
-    same values): for ``torch.func`` transforms and ``torch.jit.trace``, which cannot run the
-    Function, and for its second-order gradients. ``n`` is the row length, given as a Python
-    int (a size read while tracing would be recorded as a float32 divisor). A constant filter
-    gets the fused backward's subgradient (``vector_norm``'s gradient at 0 is 0)."""
+    """:class:`_Standardize`'s forward in plain autograd ops (the same steps in the same dtypes,
+    values equal to rounding): for ``torch.func`` transforms and ``torch.jit.trace``, which
+    cannot run the Function, and for its second-order gradients. ``n`` is the row length, given
+    as a Python int (a size read while tracing would be recorded as a float32 divisor). A
+    constant filter gets the fused backward's subgradient, and finite higher derivatives."""
     rows = to_rows(weight, transposed=transposed, groups=groups)
     x = rows if rows.dtype in _FLOATS else rows.float()
     b = 1 if unbiased else 0
     y = x - x.mean(dim=1, keepdim=True)
-    norm = torch.linalg.vector_norm(y, dim=1, keepdim=True)
-    if eps_in_sqrt:
-        s = torch.rsqrt(norm.square() / (n - b) + eps)
+    squares = y.square().sum(dim=1, keepdim=True)
+    if eps_in_sqrt:  # smooth everywhere: derivatives of every order, constant filters included
+        s = torch.rsqrt(squares / (n - b) + eps)
     else:
+        # sqrt has no derivative at 0 (a constant filter): there every order gets 0, the fused
+        # backward's subgradient, instead of NaN.
+        positive = squares > 0
+        norm = torch.where(positive, torch.where(positive, squares, 1.0).sqrt(), 0.0)
         s = torch.reciprocal(norm / ((n - b) ** 0.5 if n > b else 0.0) + eps)
     z = y * s
     if scale is not None:
@@ -123,9 +127,9 @@ class _Standardize(torch.autograd.Function):
     ``c``, "inverse std" ``sqrt(r) / a`` and affine weight ``a * s / sqrt(r) * a``: the
     normalized input ``(z - c) * sqrt(r) / a`` is ``y * sqrt(r)``. ATen's fused kernel does it
     row by row (two sweeps over a row that is still in cache) and also returns ``sum(g * y)``
-    and ``sum(g)``, the gradients of ``a`` and ``c``. Only ``z`` is computed for the backward;
-    the inputs are saved too (references, no copy) so that under ``create_graph=True`` the
-    gradient is built as a graph through :func:`_plain_standardize` (second-order gradients).
+    and ``sum(g)``, the gradients of ``a`` and ``c``. Only ``z`` is saved; the inputs are kept
+    by reference (no copy, no version check) so that under ``create_graph=True`` the gradient
+    is built as a graph through :func:`_plain_standardize` (second-order gradients).
 
     It takes and returns the weight in its own layout (the rows are a view inside, so no
     reshape nodes join the autograd graph). ``out``, when given, is a float32/float64 buffer of
@@ -174,16 +178,19 @@ class _Standardize(torch.autograd.Function):
             if c is not None:
                 z.add_(c)
             ctx.gain_in_z = True
-            ctx.save_for_backward(z, s, sigma, a, c, weight, scale, shift)
+            ctx.save_for_backward(z, s, sigma, a, c)
         else:
             # A zero gain possible: z no longer determines y, so y is kept (one more tensor).
             y.mul_(s)
             ctx.gain_in_z = False
-            ctx.save_for_backward(y, s, sigma, a, None, weight, scale, shift)
+            ctx.save_for_backward(y, s, sigma, a, None)
             z = y * a
             if c is not None:
                 z.add_(c)
         ctx.unbiased, ctx.eps_in_sqrt = unbiased, eps_in_sqrt
+        # The inputs by reference, for create_graph=True only: not saved tensors, so writing
+        # into the weight between forward and backward stays allowed, as for the first order.
+        ctx.inputs = (weight, scale, shift)
         ctx.layout = (weight.shape, transposed, groups, weight.dtype,
                       None if scale is None else scale.dtype,
                       None if shift is None else shift.dtype, eps, n / max(n - b, 1))
@@ -192,10 +199,10 @@ class _Standardize(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        xin, s, sigma, a, c, weight, scale, shift = ctx.saved_tensors
+        xin, s, sigma, a, c = ctx.saved_tensors  # unpacked once (activation checkpointing)
         shape, transposed, groups, weight_dtype, scale_dtype, shift_dtype, eps, ratio = ctx.layout
         if torch.is_grad_enabled():  # create_graph=True: a gradient that is differentiable
-            return _Standardize._differentiable_backward(ctx, grad, weight, scale, shift)
+            return _Standardize._differentiable_backward(ctx, grad, xin.shape[1])
         o = xin.shape[0]
         # sqrt(r): r = k / s (see the class docstring); sigma == 0 (a constant filter, y == 0)
         # has no derivative, and any finite r gives the subgradient s * (g - mean(g)).
@@ -221,16 +228,16 @@ class _Standardize(torch.autograd.Function):
         return gx, None, None, None, None, None, ga, gc, None
 
     @staticmethod
-    def _differentiable_backward(ctx: Any, grad: Tensor, weight: Tensor, scale: Tensor | None,
-                                 shift: Tensor | None) -> tuple[Tensor | None, ...]:
+    def _differentiable_backward(ctx: Any, grad: Tensor, n: int) -> tuple[Tensor | None, ...]:
         """The gradients as a graph (second-order gradients, Hessians): autograd through
-        :func:`_plain_standardize` on the saved inputs, which computes the same values."""
+        :func:`_plain_standardize` on the inputs, which computes the same values."""
+        weight, scale, shift = ctx.inputs
         _, transposed, groups, _, _, _, eps, _ = ctx.layout
         positions = [(i, t) for i, t in ((0, weight), (6, scale), (7, shift))
                      if t is not None and ctx.needs_input_grad[i]]
         with torch.enable_grad():
             out = _plain_standardize(weight, eps, ctx.unbiased, ctx.eps_in_sqrt, transposed,
-                                     groups, scale, shift, ctx.saved_tensors[0].shape[1])
+                                     groups, scale, shift, n)
             grads = torch.autograd.grad(out, [t for _, t in positions], grad, create_graph=True,
                                         allow_unused=True)
         result: list[Tensor | None] = [None] * 9

@@ -109,7 +109,8 @@ def load_state_dict_strict(model: nn.Module, state: Mapping[str, torch.Tensor], 
     mistyped = [f"{k} {str(state[k].dtype).replace('torch.', '')} for "
                 f"{str(own[k].dtype).replace('torch.', '')}"
                 for k in own if k in state and own[k].is_floating_point()
-                and (not state[k].is_floating_point() or state[k].element_size() == 1)]
+                and (not state[k].is_floating_point()
+                     or (state[k].element_size() == 1 and own[k].element_size() != 1))]
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing ({_list(missing)})")
