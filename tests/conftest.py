@@ -79,6 +79,20 @@ class ExitNet(Net):
         raise SystemExit(0)
 
 
+class BufferNet(Net):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("gain", torch.full((3,), 1.5), persistent=False)
+
+    def forward(self, x):
+        return super().forward(x) * self.gain
+
+
+def with_buffer():
+    torch.manual_seed(0)
+    return BufferNet()
+
+
 def exits_in_forward():
     torch.manual_seed(0)
     return ExitNet()

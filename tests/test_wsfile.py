@@ -73,12 +73,24 @@ def test_an_edited_model_is_saved_whole_not_as_its_factory(nets_dir: Path,
     assert current_arch(wsconvert.swap_norm(ws, 4, inplace=False).model) is not None  # recorded
     edits = {"head": lambda m: setattr(m, "head", nn.Linear(16, 7)),
              "module": lambda m: setattr(m, "bn", nn.Identity()),
-             "added": lambda m: m.add_module("extra", nn.ReLU())}
+             "added": lambda m: m.add_module("extra", nn.ReLU()),
+             # same class and shapes, other settings
+             "settings": lambda m: setattr(m, "bn", nn.BatchNorm2d(8, eps=0.5)),
+             # a parametrization the factory does not make
+             "parametrized": lambda m: nn.utils.parametrizations.orthogonal(m.head),
+             # an edit before a recorded transform is still an edit
+             "then-swapped": lambda m: (setattr(m, "grouped", nn.Conv2d(8, 16, 3, padding=1)),
+                                        wsconvert.swap_norm(m, 4, inplace=True))}
     for name, edit in edits.items():
         edited = copy.deepcopy(ws)
         edit(edited)
         assert current_arch(edited) is None, name
         path = nets_dir / f"{name}.ws.pt"
+        if name == "parametrized":  # torch cannot pickle it: refused, nothing written
+            with pytest.raises(UsageError, match="parametrization other than WS"):
+                wsconvert.save(edited, path)
+            assert not path.exists()
+            continue
         wsconvert.save(edited, path)
         raw = read_checkpoint(path, trust=True)
         assert raw["arch"] == {"kind": "pickle", "edited_from": "wsnets:build"}
@@ -108,6 +120,20 @@ def test_a_factory_checkpoint_keeps_dtypes_and_frozen_parameters(nets_dir: Path,
         torch.testing.assert_close(back.eval()(x), ws.eval()(x), rtol=0, atol=0)
     raw["frozen"] = "head.bias"
     torch.save(raw, nets_dir / "bad.ws.pt")
+    # Buffers left out of the state dict (non-persistent) follow the model's dtype too.
+    buffered = wsconvert.apply_ws(load_model(net_state, "wsnets:with_buffer").model).model
+    wsconvert.save(buffered.to(torch.bfloat16), nets_dir / "buf.ws.pt")
+    again = wsconvert.load(nets_dir / "buf.ws.pt", model="wsnets:with_buffer")
+    assert again.gain.dtype == torch.bfloat16
+    with torch.no_grad():
+        torch.testing.assert_close(again.eval()(x), buffered.eval()(x), rtol=0, atol=0)
+    # A pickled module (no factory) keeps WS's own frozen gains.
+    net = nn.Sequential(nn.Conv2d(3, 4, 3))
+    ws2 = wsconvert.apply_ws(net, init="scale").model
+    ws2[0].parametrizations.weight[0].gain.requires_grad_(False)
+    wsconvert.save(ws2, nets_dir / "pickled.ws.pt")
+    back2 = wsconvert.load(nets_dir / "pickled.ws.pt", trust=True)
+    assert not back2[0].parametrizations.weight[0].gain.requires_grad
     with pytest.raises(CheckpointError, match="frozen parameters are not a list"):
         wsconvert.load(nets_dir / "bad.ws.pt", model="wsnets:build")
 

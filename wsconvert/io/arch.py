@@ -14,6 +14,8 @@ from typing import Any
 from torch import nn
 from torch.nn.utils import parametrize
 
+from wsconvert.ws import ws_parametrization
+
 __all__ = ["add_transform", "arch_of", "current_arch", "set_arch", "structure"]
 
 _ATTR = "_wsconvert_arch"
@@ -39,22 +41,52 @@ def set_arch(model: nn.Module, arch: dict[str, Any] | None) -> None:
 
 
 def structure(model: nn.Module) -> tuple[tuple[Any, ...], ...]:
-    """What a rebuild from the record must reproduce: every module's name and class, every
-    state-dict entry's name and shape. WS parametrizations are left out (the checkpoint records
-    them per layer): a WS layer counts as its plain class with its ``weight``."""
-    modules = tuple((name, f"{cls.__module__}.{cls.__qualname__}")
-                    for name, m in model.named_modules()
-                    if ".parametrizations" not in f".{name}"
-                    for cls in [parametrize.type_before_parametrizations(m)])
+    """What a rebuild from the record must reproduce: every module's name, class and settings
+    (``extra_repr``: a BatchNorm's eps, a conv's stride), every state-dict entry's name and shape.
+    WS is left out (the checkpoint records it per layer): a WS layer counts as its plain class
+    with its ``weight``. Any other parametrization counts, since the factory does not make it."""
+    ws_names: list[str] = [name for name, m in model.named_modules()
+                           if ws_parametrization(m) is not None]
+    prefixes = [f"{n}.parametrizations" if n else "parametrizations" for n in ws_names]
+
+    def inside_ws(name: str) -> str | None:
+        """The WS layer whose parametrization ``name`` (a module or a key) belongs to."""
+        for layer, prefix in zip(ws_names, prefixes, strict=True):
+            if name == prefix or name.startswith(f"{prefix}."):
+                return layer
+        return None
+
+    modules = []
+    for name, m in model.named_modules():
+        if inside_ws(name) is not None:
+            continue
+        cls = parametrize.type_before_parametrizations(m) if name in ws_names else type(m)
+        modules.append((name, f"{cls.__module__}.{cls.__qualname__}", m.extra_repr()))
     state = []
     for key, value in model.state_dict(keep_vars=True).items():
-        dotted = f".{key}"
-        if ".parametrizations." in dotted:
-            if not dotted.endswith(_WS_ORIGINAL):
+        layer = inside_ws(key)
+        if layer is not None:
+            if not f".{key}".endswith(_WS_ORIGINAL):
                 continue  # WS's own gain / gamma / beta
-            key = (dotted[:-len(_WS_ORIGINAL)] + ".weight")[1:]
+            key = f"{layer}.weight" if layer else "weight"
         state.append((key, tuple(value.shape)))
-    return modules, tuple(sorted(state))
+    return tuple(sorted(modules)), tuple(sorted(state))
+
+
+def _refreshed(model: nn.Module, layers: Any) -> tuple[tuple[Any, ...], ...]:
+    """The recorded structure with only ``layers`` (the ones a transform changed) taken from the
+    model as it is now: an edit elsewhere, made before the transform, still shows."""
+    old = model.__dict__.get(_SHAPE)
+    now = structure(model)
+    if old is None or not isinstance(layers, dict):
+        return now
+
+    def changed(name: str) -> bool:
+        return any(name == layer or name.startswith(f"{layer}.") for layer in layers)
+
+    return tuple(tuple(sorted([e for e in o if not changed(e[0])]
+                              + [e for e in n if changed(e[0])]))
+                 for o, n in zip(old, now, strict=True))
 
 
 def current_arch(model: nn.Module) -> dict[str, Any] | None:
@@ -80,4 +112,6 @@ def add_transform(model: nn.Module, name: str, **params: Any) -> None:
         transforms[-1]["layers"] = {**transforms[-1].get("layers", {}), **params["layers"]}
     else:
         transforms.append({"transform": name, **params})
-    set_arch(model, {**arch, "transforms": transforms})
+    shape = _refreshed(model, params.get("layers"))
+    model.__dict__[_ATTR] = {**arch, "transforms": transforms}
+    model.__dict__[_SHAPE] = shape

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from wsconvert import __version__
 from wsconvert.errors import (
@@ -247,6 +248,14 @@ def _match_dtypes(net: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
         if (t is not None and t.dtype != saved.dtype and t.is_floating_point()
                 and saved.is_floating_point()):
             t.data = t.data.to(saved.dtype)
+    # Tensors the state dict leaves out (non-persistent buffers) follow the model's one dtype,
+    # as model.to(dtype) moved them.
+    dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
+    if len(dtypes) == 1:
+        (dtype,) = dtypes
+        for key, t in own.items():
+            if key not in state and t.is_floating_point() and t.dtype != dtype:
+                t.data = t.data.to(dtype)
 
 
 def _load_ws(obj: Mapping[str, Any], path: Path, model: str | None = None,
@@ -280,21 +289,13 @@ def _load_ws(obj: Mapping[str, Any], path: Path, model: str | None = None,
                                   f"{detail}") from None
         _match_dtypes(net, state)
         load_state_dict_strict(net, state, str(path))
-        frozen = obj.get("frozen") or []
-        if not isinstance(frozen, list) or not all(isinstance(k, str) for k in frozen):
-            raise CheckpointError(f"{path}: wsconvert checkpoint is malformed: the frozen "
-                                  "parameters are not a list of names")
-        params = dict(net.named_parameters(remove_duplicate=False))
-        for name in frozen:
-            if name in params:
-                params[name].requires_grad_(False)
     elif arch.get("kind") == "pickle" and isinstance(obj.get("module"), nn.Module):
         if model is not None:
             edited = arch.get("edited_from")
             why = (f"the model was edited after it was built from {edited}, so it was saved "
                    "whole" if isinstance(edited, str) else "no factory to rebuild")
-            raise UsageError(f"{path}: holds a pickled module ({why}); `model` does not apply: "
-                             "load it with `trust=True`")
+            raise UsageError(f"{path}: holds a pickled module ({why}); `model` does not apply, "
+                             "leave it out")
         net = obj["module"]
         restore_ws(net, configs)
         # The pickled module already holds the trainable weights; the state dict has the rest.
@@ -304,6 +305,14 @@ def _load_ws(obj: Mapping[str, Any], path: Path, model: str | None = None,
             raise CheckpointError(f"{path}: wsconvert checkpoint does not fit its own module")
     else:
         raise CheckpointError(f"{path}: wsconvert checkpoint has an unknown architecture record")
+    frozen = obj.get("frozen") or []
+    if not isinstance(frozen, list) or not all(isinstance(k, str) for k in frozen):
+        raise CheckpointError(f"{path}: wsconvert checkpoint is malformed: the frozen "
+                              "parameters are not a list of names")
+    params = dict(net.named_parameters(remove_duplicate=False))
+    for name in frozen:
+        if name in params:
+            params[name].requires_grad_(False)
     set_arch(net, arch)
     return LoadedModel(net.eval(), path, "wsconvert", arch)
 
@@ -361,14 +370,20 @@ def ws_payload(model: nn.Module) -> dict[str, Any]:
             if name in configs:
                 unregister_ws(module)
         set_arch(base, None)
+        others = [name or "<root>" for name, m in base.named_modules()
+                  if parametrize.is_parametrized(m)]
+        if others:
+            raise UsageError(f"layer {others[0]} carries a parametrization other than WS, which "
+                             "torch cannot pickle and no factory rebuilds: remove it first "
+                             "(torch.nn.utils.parametrize.remove_parametrizations)")
         base_keys = set(base.state_dict())
         payload["module"] = base
         state = rekeyed(state, lambda k: None if k in base_keys or k.endswith(
             ".parametrizations.weight.original") else k)
-    else:
-        # A state dict keeps values, not which parameters were frozen: recorded beside it.
-        payload["frozen"] = sorted(k for k, v in model.named_parameters(remove_duplicate=False)
-                                   if not v.requires_grad)
+    # A state dict keeps values, not which parameters were frozen (nor does restoring WS on a
+    # pickled base, which makes gains afresh): recorded beside it.
+    payload["frozen"] = sorted(k for k, v in model.named_parameters(remove_duplicate=False)
+                               if not v.requires_grad)
     payload["state_dict"] = state
     return payload
 
