@@ -1003,3 +1003,55 @@ def test_input_files_and_source_files_get_their_own_message(tmp_path: Path) -> N
     with pytest.raises(CheckpointError, match="looks like Python source") as err:
         wsconvert.load_model(tmp_path / "nets.py", "nets:build")
     assert "mport" not in str(err.value)  # no 'globals' read from text
+
+
+def test_factory_source_found_through_an_import_finder(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Editable installs put a finder on sys.meta_path instead of a folder on sys.path."""
+    import importlib.abc
+    import importlib.util
+
+    from wsconvert.io.spec import factory_source
+
+    source = tmp_path / "elsewhere" / "finder_nets.py"
+    source.parent.mkdir()
+    source.write_text("def build(): pass\n")
+
+    class Finder(importlib.abc.MetaPathFinder):
+        def find_spec(self, name: str, path: object = None, target: object = None) -> object:
+            if name == "finder_nets":
+                return importlib.util.spec_from_file_location(name, source)
+            return None
+
+    monkeypatch.setattr(sys, "meta_path", [Finder(), *sys.meta_path])
+    assert factory_source("finder_nets:build") == source
+    assert factory_source("timm:resnet18") is None and factory_source(None) is None
+
+
+def test_ctrl_c_delivered_to_another_thread_waits_for_the_whole_commit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch and onnxruntime start threads; the system may hand Ctrl-C to any of them."""
+    import threading
+    import time
+
+    from wsconvert.io.atomic import OutputSet
+
+    worker = threading.Thread(target=time.sleep, args=(5,), daemon=True)
+    worker.start()
+    real = os.replace
+
+    def replace(src: str, dst: str) -> None:
+        real(src, dst)
+        if str(dst).endswith("a.txt"):
+            assert worker.ident is not None
+            signal.pthread_kill(worker.ident, signal.SIGINT)
+            time.sleep(0.2)  # the handler gets its chance before the next file
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt), OutputSet() as out:
+        for name in "abcde":
+            out.add(tmp_path / f"{name}.txt")
+            out.stage(tmp_path / f"{name}.txt").write_text(name)
+        out.commit()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{n}.txt" for n in "abcde"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

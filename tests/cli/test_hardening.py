@@ -349,3 +349,28 @@ def test_onnxruntime_errors_keep_the_line_that_says_what_is_wrong(cli: Cli,
     proc = cli.run("check", _good_onnx(d), "--against", net_state, "-m", "wsnets:build",
                    "--input-shape", "1,3,16,16", in_process=True)
     cli.one_line_error(proc, 2, "onnxruntime rejected input set", "Got: 16 Expected: 8")
+
+
+def test_interrupt_message_names_only_outputs_that_are_there(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The demo commits into a staging folder it later removes: such files are not outputs."""
+    import typer
+
+    from wsconvert.cli._common import guarded
+    from wsconvert.io import atomic
+
+    kept = tmp_path / "kept.pt"
+    kept.write_text("x")
+
+    @guarded
+    def command(paths: list[Path]) -> None:
+        atomic.COMMITTED.extend(paths)
+        raise KeyboardInterrupt
+
+    for paths, needle in (([tmp_path / "gone" / "staged.pt"], "before any output was written"),
+                          ([tmp_path / "gone.pt", kept], f"after its outputs were written "
+                                                         f"({kept})")):
+        with pytest.raises(typer.Exit) as info:
+            command(paths)
+        assert info.value.exit_code == 130
+        assert needle in capsys.readouterr().err

@@ -178,7 +178,9 @@ def guarded(func: F) -> F:
             if signals.received is not None or isinstance(exc, KeyboardInterrupt):
                 signum = signals.received or signal.SIGINT
                 atomic = sys.modules.get("wsconvert.io.atomic")
-                done = [] if atomic is None else atomic.COMMITTED[mark:]
+                # Outputs that are there now (the demo stages into a folder it then removes).
+                done = [] if atomic is None else [p for p in atomic.COMMITTED[mark:]
+                                                  if os.path.exists(p)]
                 what = (f"after its outputs were written ({', '.join(map(str, done))})" if done
                         else "before any output was written")
                 _error_line(f"interrupted ({signal.Signals(signum).name}) {what}")

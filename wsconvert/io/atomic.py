@@ -268,21 +268,28 @@ COMMITTED: list[Path] = []
 """Every file an :class:`OutputSet` moved into place in this process, in order (the command line
 says which, when a signal stops it after they were written)."""
 
-_HELD_SIGNALS = {getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n)}
+_HELD_SIGNALS = [getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n)]
 
 
 @contextlib.contextmanager
 def _signals_held() -> Iterator[None]:
-    """Delay Ctrl-C and termination signals until the block ends (POSIX, main thread)."""
-    mask = getattr(signal, "pthread_sigmask", None)
-    if mask is None or threading.current_thread() is not threading.main_thread():
+    """Hold Ctrl-C and termination signals until the block ends, then deliver them to the
+    handlers that were in force. Python runs signal handlers in the main thread whichever thread
+    the system picked, so swapping the handlers there holds them all (blocking the signals would
+    only hold those sent to the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = mask(signal.SIG_BLOCK, _HELD_SIGNALS)
+    held: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: held.append(signum))
+                for sig in _HELD_SIGNALS}
     try:
         yield
     finally:
-        mask(signal.SIG_SETMASK, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        for sig in dict.fromkeys(held):
+            signal.raise_signal(sig)
 
 
 class OutputSet:

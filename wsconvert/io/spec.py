@@ -8,7 +8,9 @@ model of the zoo but an attribute of the package (``timm:create_model``) is the 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import importlib.util
 import json
 import os
 import sys
@@ -59,12 +61,22 @@ def factory_source(spec: str | None) -> Path | None:
     module_name = spec.partition(":")[0]
     if not module_name or module_name in ZOOS:
         return None
+    if module_name in sys.modules:  # already imported (a bundled builder, an earlier run)
+        origin = getattr(sys.modules[module_name], "__file__", None)
+        return Path(origin) if origin else None
     parts = module_name.split(".")
     for entry in [*sys.path, os.getcwd()]:
         base = Path(entry or ".").joinpath(*parts)
         for candidate in (base.with_suffix(".py"), base / "__init__.py"):
             if candidate.is_file():
                 return candidate
+    # Import finders (editable installs): their spec says where the file is. Only top-level
+    # modules, whose lookup runs no code; a package's submodule would import the package.
+    if len(parts) == 1:
+        with contextlib.suppress(Exception):
+            found = importlib.util.find_spec(module_name)
+            if found is not None and found.origin and Path(found.origin).is_file():
+                return Path(found.origin)
     return None
 
 
