@@ -1055,3 +1055,20 @@ def test_ctrl_c_delivered_to_another_thread_waits_for_the_whole_commit(
         out.commit()
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{n}.txt" for n in "abcde"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_allow_class_judges_what_a_name_is_and_keeps_value_types(nets_dir: Path) -> None:
+    """A re-export of subprocess.Popen under another module is still Popen; a Python 2 name
+    in a legacy pickle (commands.Popen) is read as Python 3 reads it; value types such as
+    slice stay allowed by name."""
+    from wsconvert.io.safe import _pickle_globals, is_dangerous, read_checkpoint
+
+    d = nets_dir
+    (d / "alias_mod.py").write_text("from subprocess import Popen\n")
+    torch.save({"w": torch.zeros(1)}, d / "plain.pt")
+    bad(["inspect", "plain.pt", "--allow-class", "alias_mod.Popen"], d, "subprocess.Popen",
+        "refused")
+    assert _pickle_globals(b"\x80\x02ccommands\nPopen\nq\x00.") == ["subprocess.Popen"]
+    assert is_dangerous("subprocess.Popen") and not is_dangerous("builtins.slice")
+    torch.save({"w": torch.zeros(1), "s": slice(1, 2)}, d / "slice.pt")
+    assert read_checkpoint(d / "slice.pt", allow_classes=["builtins.slice"])["s"] == slice(1, 2)

@@ -4,6 +4,7 @@ with the ``safetensors`` package (no pickle, so no trust question) as state dict
 
 from __future__ import annotations
 
+import _compat_pickle
 import contextlib
 import importlib
 import io
@@ -53,7 +54,12 @@ _DANGEROUS_MODULES = ("os", "posix", "nt", "subprocess", "_posixsubprocess", "sy
                       "ftplib", "smtplib", "xmlrpc", "zipimport", "pkgutil", "dill",
                       "cloudpickle", "joblib", "torch.serialization", "torch.hub", "torch.jit",
                       "torch.package", "torch.utils.cpp_extension", "numpy.testing",
-                      "numpy.f2py", "numpy.distutils")
+                      "numpy.f2py", "numpy.distutils", "zipfile", "tarfile", "shelve", "dbm",
+                      "sqlite3", "logging", "mmap", "gzip", "bz2", "lzma", "fcntl")
+# Value types: building one runs no code and touches nothing (``slice(1, 2)``, ``complex``).
+_SAFE_BUILTINS = {f"builtins.{n}" for n in ("slice", "complex", "range", "bytearray", "bytes",
+                                            "frozenset", "set", "int", "float", "bool", "str",
+                                            "tuple", "list", "dict")}
 # The functions ``allow_classes`` accepts besides classes: numpy's array and scalar rebuilders
 # (checkpoints holding numpy values need them; they only build arrays).
 _SAFE_FUNCTIONS = {"numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct",
@@ -69,6 +75,8 @@ _DANGEROUS_NAMES = {"builtins.eval", "builtins.exec", "builtins.compile", "built
 
 def is_dangerous(qualname: str) -> bool:
     """A ``MODULE.NAME`` global that runs code or touches files when called from a pickle."""
+    if qualname in _SAFE_BUILTINS:
+        return False
     if qualname in _DANGEROUS_NAMES:
         return True
     return any(qualname == m or qualname.startswith(m + ".") for m in _DANGEROUS_MODULES)
@@ -145,6 +153,9 @@ def _import_class(qualname: str) -> type:
     if not isinstance(obj, type) and qualname not in _SAFE_FUNCTIONS:
         raise UsageError(f"`allow_classes` {qualname}: refused: not a class; allowing a "
                          "function by name would let the file call it with any arguments")
+    real = f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}"
+    if real != qualname:  # another name for it (a re-export): judged by what it is
+        _checked_allow(real)
     return obj  # type: ignore[no-any-return]
 
 
@@ -194,11 +205,18 @@ def _pickle_globals(data: bytes) -> list[str]:
             break
         if stream.tell() == start:
             break
-    # Protocol-2 pickles (torch's legacy format) name Python 2 modules; pickle maps them.
-    renamed = [("builtins" + n[len("__builtin__"):]) if n.startswith("__builtin__.") else
-               ("copyreg" + n[len("copy_reg"):]) if n.startswith("copy_reg.") else n
-               for n in found]
-    return list(dict.fromkeys(renamed))
+    # Protocol-2 pickles (torch's legacy format) name Python 2 modules; pickle maps them
+    # (``commands.Popen`` is ``subprocess.Popen``), with the same table.
+    return list(dict.fromkeys(_python3_name(n) for n in found))
+
+
+def _python3_name(qualname: str) -> str:
+    module, _, attr = qualname.rpartition(".")
+    if (module, attr) in _compat_pickle.NAME_MAPPING:
+        module, attr = _compat_pickle.NAME_MAPPING[(module, attr)]
+    elif module in _compat_pickle.IMPORT_MAPPING:
+        module = _compat_pickle.IMPORT_MAPPING[module]
+    return f"{module}.{attr}"
 
 
 def unsafe_globals(path: Path) -> list[str]:
