@@ -93,6 +93,12 @@ def with_buffer():
     return BufferNet()
 
 
+def with_f64_buffer():
+    net = with_buffer()
+    net.gain = net.gain.double()  # a table built in float64 in a float32 model
+    return net
+
+
 def exits_in_forward():
     torch.manual_seed(0)
     return ExitNet()

@@ -855,6 +855,13 @@ def test_allow_class_accepts_classes_only_and_names_code_runners(nets_dir: Path)
         line = bad(["inspect", name], d, name, qual, "runs commands or code")
         assert "--allow-class" not in line, line
         bad(["inspect", name, "--allow-class", qual], d, "refused")
+    # torch.save writes Python 2 names (subprocess.getoutput as commands.getoutput).
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "x": Profiled(subprocess.getoutput,
+                                                                   marker)}, d / "py2.pt")
+    line = bad(["inspect", "py2.pt"], d, "subprocess.getoutput", "runs commands or code")
+    assert "commands.getoutput" not in line
+    for cls in ("numpy.memmap", "torch.PyTorchFileWriter", "wave.Wave_write", "mailbox.mbox"):
+        bad(["inspect", "py2.pt", "--allow-class", cls], d, "refused")  # they write files
     torch.save({"state_dict": {"w": torch.zeros(1)}, "x": Profiled(json.loads, marker)},
                d / "func.pt")
     bad(["inspect", "func.pt", "--allow-class", "json.loads"], d, "json.loads",
@@ -1072,3 +1079,32 @@ def test_allow_class_judges_what_a_name_is_and_keeps_value_types(nets_dir: Path)
     assert is_dangerous("subprocess.Popen") and not is_dangerous("builtins.slice")
     torch.save({"w": torch.zeros(1), "s": slice(1, 2)}, d / "slice.pt")
     assert read_checkpoint(d / "slice.pt", allow_classes=["builtins.slice"])["s"] == slice(1, 2)
+
+
+def test_factory_source_of_a_package_submodule_and_package_precedence(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.abc
+    import importlib.util
+
+    from wsconvert.io.spec import factory_source
+
+    pkg = tmp_path / "src" / "finder_pkg"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "nets.py").write_text("def build(): pass\n")
+
+    class Finder(importlib.abc.MetaPathFinder):
+        def find_spec(self, name: str, path: object = None, target: object = None) -> object:
+            if name == "finder_pkg":
+                return importlib.util.spec_from_file_location(
+                    name, pkg / "__init__.py", submodule_search_locations=[str(pkg)])
+            return None
+
+    monkeypatch.setattr(sys, "meta_path", [Finder(), *sys.meta_path])
+    assert factory_source("finder_pkg.nets:build") == pkg / "nets.py"
+    # dup.py beside dup/__init__.py: Python imports the package, so that is the source.
+    (tmp_path / "dup").mkdir()
+    (tmp_path / "dup" / "__init__.py").write_text("")
+    (tmp_path / "dup.py").write_text("")
+    monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])
+    assert factory_source("dup:build") == tmp_path / "dup" / "__init__.py"

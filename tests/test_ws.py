@@ -174,6 +174,31 @@ def test_writing_the_weight_between_forward_and_backward_is_allowed() -> None:
     assert conv.parametrizations.weight.original.grad is not None
 
 
+def test_create_graph_refuses_a_weight_written_since_the_forward() -> None:
+    """The second-order path needs the weight's value at the forward: a write in between is an
+    error, as in plain autograd, never a gradient at the new value."""
+    conv = apply_ws(nn.Conv2d(3, 4, 3), "paper").model.double()
+    w = conv.parametrizations.weight.original
+    out = conv(torch.randn(1, 3, 6, 6, dtype=torch.float64)).square().sum()
+    with torch.no_grad():
+        w.mul_(3)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(out, w, create_graph=True)
+
+
+def test_forward_mode_ad_through_the_weight() -> None:
+    import torch.autograd.forward_ad as fwAD
+
+    torch.manual_seed(7)
+    w0 = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    tangent = torch.randn_like(w0)
+    p = WeightStandardization(w0, "paper").double()
+    with fwAD.dual_level():
+        got = fwAD.unpack_dual(p(fwAD.make_dual(w0, tangent))).tangent
+    _, expected = torch.func.jvp(ORACLES["paper"], (w0,), (tangent,))
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+
+
 def test_gradcheck_transposed() -> None:
     p, _, w = _gradcheck_inputs("paper", "plain", transposed=True)
     assert torch.autograd.gradcheck(p, (w,))

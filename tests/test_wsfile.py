@@ -154,3 +154,45 @@ def test_a_tied_weight_stays_tied_through_save_and_load(tmp_path: Path) -> None:
         opt.step()
     torch.testing.assert_close(back[0].parametrizations.weight.original,
                                ws[0].parametrizations.weight.original, rtol=0, atol=0)
+
+
+def test_structure_ignores_what_is_not_architecture_and_sees_stacked_parametrizations(
+        nets_dir: Path, net_state: Path) -> None:
+    from wsconvert.io.arch import current_arch
+
+    class Scaled(nn.Module):  # another library's module: its extra_repr shows a learned value
+        def __init__(self) -> None:
+            super().__init__()
+            self.s = nn.Parameter(torch.ones(()))
+
+        def extra_repr(self) -> str:
+            return f"s={float(self.s):.3f}"
+
+    ws = wsconvert.apply_ws(load_model(net_state, "wsnets:build").model).model
+    ws.extra = nn.ParameterList([nn.Parameter(torch.ones(2))])
+    ws.scaled = Scaled()
+    wsconvert.io.arch.set_arch(ws, wsconvert.io.arch.arch_of(ws))  # as if the factory made them
+    with torch.no_grad():
+        ws.scaled.s.mul_(3)
+    assert current_arch(ws.to(torch.bfloat16)) is not None  # dtypes and values: not edits
+
+    class Neg(nn.Module):
+        def forward(self, w: torch.Tensor) -> torch.Tensor:
+            return -w
+
+    stacked = wsconvert.apply_ws(load_model(net_state, "wsnets:build").model).model
+    nn.utils.parametrize.register_parametrization(stacked.stem, "weight", Neg())
+    assert current_arch(stacked) is None
+    with pytest.raises(wsconvert.errors.ConversionError, match="other parametrizations"):
+        wsconvert.save(stacked, nets_dir / "stacked.ws.pt")
+
+
+def test_a_buffer_built_in_another_dtype_keeps_it(nets_dir: Path, net_state: Path) -> None:
+    ws = wsconvert.apply_ws(load_model(net_state, "wsnets:with_f64_buffer").model).model
+    assert ws.gain.dtype == torch.float64
+    wsconvert.save(ws, nets_dir / "f64buf.ws.pt")
+    back = wsconvert.load(nets_dir / "f64buf.ws.pt", model="wsnets:with_f64_buffer")
+    assert back.gain.dtype == torch.float64  # unedited: as built, not the weights' float32
+    wsconvert.save(ws.to(torch.bfloat16), nets_dir / "bf16buf.ws.pt")
+    again = wsconvert.load(nets_dir / "bf16buf.ws.pt", model="wsnets:with_f64_buffer")
+    assert again.gain.dtype == torch.float64  # model.to moved it; left as built (finer)

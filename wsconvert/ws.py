@@ -191,6 +191,7 @@ class _Standardize(torch.autograd.Function):
         # The inputs by reference, for create_graph=True only: not saved tensors, so writing
         # into the weight between forward and backward stays allowed, as for the first order.
         ctx.inputs = (weight, scale, shift)
+        ctx.versions = tuple(None if t is None else t._version for t in ctx.inputs)
         ctx.layout = (weight.shape, transposed, groups, weight.dtype,
                       None if scale is None else scale.dtype,
                       None if shift is None else shift.dtype, eps, n / max(n - b, 1))
@@ -232,6 +233,12 @@ class _Standardize(torch.autograd.Function):
         """The gradients as a graph (second-order gradients, Hessians): autograd through
         :func:`_plain_standardize` on the inputs, which computes the same values."""
         weight, scale, shift = ctx.inputs
+        if any(t is not None and t._version != v for t, v in zip(ctx.inputs, ctx.versions,
+                                                                 strict=True)):
+            raise RuntimeError("one of the variables needed for gradient computation has been "
+                               "modified by an inplace operation: a WS layer's weight (or gain) "
+                               "changed between the forward and a create_graph=True backward, "
+                               "which needs its value at the forward")
         _, transposed, groups, _, _, _, eps, _ = ctx.layout
         positions = [(i, t) for i, t in ((0, weight), (6, scale), (7, shift))
                      if t is not None and ctx.needs_input_grad[i]]
@@ -264,10 +271,11 @@ _in_functorch_transform: Callable[[], bool] = getattr(
 
 
 def _plain_ops_only() -> bool:
-    """Inside ``torch.func`` transforms, which cannot run the fused Function, or while
-    ``torch.jit.trace`` records (it would record the Function's in-place steps, which its graph
-    cannot differentiate, and a cached value as a constant)."""
-    return _in_functorch_transform() or torch._C._get_tracing_state() is not None
+    """Inside ``torch.func`` transforms, which cannot run the fused Function; under forward-mode
+    AD (it has no jvp); or while ``torch.jit.trace`` records (it would record the Function's
+    in-place steps, which its graph cannot differentiate, and a cached value as a constant)."""
+    return (_in_functorch_transform() or forward_ad._current_level >= 0
+            or torch._C._get_tracing_state() is not None)
 
 
 def _plain_tensors(tensors: tuple[Tensor | None, ...]) -> bool:

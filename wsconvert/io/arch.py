@@ -9,7 +9,7 @@ named architecture transforms applied after the build, each ``{"transform": NAME
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 from torch.nn.utils import parametrize
@@ -45,8 +45,11 @@ def structure(model: nn.Module) -> tuple[tuple[Any, ...], ...]:
     (``extra_repr``: a BatchNorm's eps, a conv's stride), every state-dict entry's name and shape.
     WS is left out (the checkpoint records it per layer): a WS layer counts as its plain class
     with its ``weight``. Any other parametrization counts, since the factory does not make it."""
+    # WS layers whose weight carries nothing else: a parametrization stacked on WS counts.
     ws_names: list[str] = [name for name, m in model.named_modules()
-                           if ws_parametrization(m) is not None]
+                           if ws_parametrization(m) is not None
+                           and len(cast(Any, m).parametrizations) == 1
+                           and len(cast(Any, m).parametrizations["weight"]) == 1]
     prefixes = [f"{n}.parametrizations" if n else "parametrizations" for n in ws_names]
 
     def inside_ws(name: str) -> str | None:
@@ -61,7 +64,7 @@ def structure(model: nn.Module) -> tuple[tuple[Any, ...], ...]:
         if inside_ws(name) is not None:
             continue
         cls = parametrize.type_before_parametrizations(m) if name in ws_names else type(m)
-        modules.append((name, f"{cls.__module__}.{cls.__qualname__}", m.extra_repr()))
+        modules.append((name, f"{cls.__module__}.{cls.__qualname__}", _settings(cls, m)))
     state = []
     for key, value in model.state_dict(keep_vars=True).items():
         layer = inside_ws(key)
@@ -71,6 +74,16 @@ def structure(model: nn.Module) -> tuple[tuple[Any, ...], ...]:
             key = f"{layer}.weight" if layer else "weight"
         state.append((key, tuple(value.shape)))
     return tuple(sorted(modules)), tuple(sorted(state))
+
+
+def _settings(cls: type, module: nn.Module) -> str:
+    """A torch layer's settings (``extra_repr``: a BatchNorm's eps, a conv's stride). Not for
+    containers (ParameterList prints dtypes and devices) nor for other code's modules, whose
+    ``extra_repr`` may show learned values or counters."""
+    owner = cls.__module__
+    if owner.startswith("torch.nn.modules.") and owner != "torch.nn.modules.container":
+        return module.extra_repr()
+    return ""
 
 
 def _refreshed(model: nn.Module, layers: Any) -> tuple[tuple[Any, ...], ...]:

@@ -281,13 +281,14 @@ def _signals_held() -> Iterator[None]:
         yield
         return
     held: list[int] = []
+    # A disposition set outside Python (getsignal gives None) cannot be put back: left alone.
     previous = {sig: signal.signal(sig, lambda signum, frame: held.append(signum))
-                for sig in _HELD_SIGNALS}
+                for sig in _HELD_SIGNALS if signal.getsignal(sig) is not None}
     try:
         yield
     finally:
         for sig, handler in previous.items():
-            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+            signal.signal(sig, handler)
         for sig in dict.fromkeys(held):
             signal.raise_signal(sig)
 

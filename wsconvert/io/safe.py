@@ -55,7 +55,9 @@ _DANGEROUS_MODULES = ("os", "posix", "nt", "subprocess", "_posixsubprocess", "sy
                       "cloudpickle", "joblib", "torch.serialization", "torch.hub", "torch.jit",
                       "torch.package", "torch.utils.cpp_extension", "numpy.testing",
                       "numpy.f2py", "numpy.distutils", "zipfile", "tarfile", "shelve", "dbm",
-                      "sqlite3", "logging", "mmap", "gzip", "bz2", "lzma", "fcntl")
+                      "sqlite3", "logging", "mmap", "gzip", "bz2", "lzma", "fcntl", "wave",
+                      "aifc", "sunau", "mailbox", "torch._C", "torch.PyTorchFileWriter",
+                      "numpy.memmap", "numpy.core.memmap", "numpy._core.memmap")
 # Value types: building one runs no code and touches nothing (``slice(1, 2)``, ``complex``).
 _SAFE_BUILTINS = {f"builtins.{n}" for n in ("slice", "complex", "range", "bytearray", "bytes",
                                             "frozenset", "set", "int", "float", "bool", "str",
@@ -225,7 +227,8 @@ def unsafe_globals(path: Path) -> list[str]:
     pickle stream for torch's legacy format and raw pickles."""
     try:
         if zipfile.is_zipfile(path):
-            return list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+            return list(dict.fromkeys(_python3_name(n) for n in names))
         from torch import _weights_only_unpickler as unpickler
 
         data = path.read_bytes()

@@ -65,18 +65,21 @@ def factory_source(spec: str | None) -> Path | None:
         origin = getattr(sys.modules[module_name], "__file__", None)
         return Path(origin) if origin else None
     parts = module_name.split(".")
-    for entry in [*sys.path, os.getcwd()]:
-        base = Path(entry or ".").joinpath(*parts)
-        for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+    roots = [Path(entry or ".") for entry in [*sys.path, os.getcwd()]]
+    # Import finders (editable installs) say where a top-level module or package is; asking
+    # runs no code (asking about ``pkg.sub`` would import ``pkg``, so its folder is searched).
+    with contextlib.suppress(Exception):
+        found = importlib.util.find_spec(parts[0])
+        if found is not None and found.submodule_search_locations:
+            roots += [Path(p).parent for p in found.submodule_search_locations]
+        elif found is not None and found.origin and len(parts) == 1:
+            roots.append(Path(found.origin).parent)
+    for root in roots:
+        base = root.joinpath(*parts)
+        # A package wins over a module of the same name, as in Python's own finder.
+        for candidate in (base / "__init__.py", base.with_suffix(".py")):
             if candidate.is_file():
                 return candidate
-    # Import finders (editable installs): their spec says where the file is. Only top-level
-    # modules, whose lookup runs no code; a package's submodule would import the package.
-    if len(parts) == 1:
-        with contextlib.suppress(Exception):
-            found = importlib.util.find_spec(module_name)
-            if found is not None and found.origin and Path(found.origin).is_file():
-                return Path(found.origin)
     return None
 
 

@@ -243,18 +243,20 @@ def _match_dtypes(net: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     to the factory's dtype)."""
     own = {**dict(net.named_parameters(remove_duplicate=False)),
            **dict(net.named_buffers(remove_duplicate=False))}
+    built = {t.dtype for k, t in own.items() if k in state and t.is_floating_point()}
     for key, saved in state.items():
         t = own.get(key)
         if (t is not None and t.dtype != saved.dtype and t.is_floating_point()
                 and saved.is_floating_point()):
             t.data = t.data.to(saved.dtype)
-    # Tensors the state dict leaves out (non-persistent buffers) follow the model's one dtype,
-    # as model.to(dtype) moved them.
+    # Tensors the state dict leaves out (non-persistent buffers) follow when the whole model
+    # went from one dtype to another (model.to(dtype)); a buffer the factory builds in another
+    # dtype than the rest stays as built.
     dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
-    if len(dtypes) == 1:
-        (dtype,) = dtypes
+    if len(built) == 1 and len(dtypes) == 1 and built != dtypes:
+        (was,), (dtype,) = built, dtypes
         for key, t in own.items():
-            if key not in state and t.is_floating_point() and t.dtype != dtype:
+            if key not in state and t.dtype == was:
                 t.data = t.data.to(dtype)
 
 
