@@ -89,6 +89,13 @@ def _only_holder(work: Tensor) -> bool:
     return _storage_use_count(work.untyped_storage()._cdata) == 2
 
 
+def _version(t: Tensor | None) -> int | None:
+    """``t``'s version counter (``None`` for no tensor, or an inference tensor: it has none)."""
+    if t is None or t.is_inference():
+        return None
+    return t._version
+
+
 def _plain_standardize(weight: Tensor, eps: float, unbiased: bool, eps_in_sqrt: bool,
                        transposed: bool, groups: int, scale: Tensor | None,
                        shift: Tensor | None, n: int) -> Tensor:
@@ -191,7 +198,8 @@ class _Standardize(torch.autograd.Function):
         # The inputs by reference, for create_graph=True only: not saved tensors, so writing
         # into the weight between forward and backward stays allowed, as for the first order.
         ctx.inputs = (weight, scale, shift)
-        ctx.versions = tuple(None if t is None else t._version for t in ctx.inputs)
+        ctx.versions = ((None, None, None) if torch.compiler.is_compiling()  # traced: no check
+                        else tuple(_version(t) for t in ctx.inputs))
         ctx.layout = (weight.shape, transposed, groups, weight.dtype,
                       None if scale is None else scale.dtype,
                       None if shift is None else shift.dtype, eps, n / max(n - b, 1))
@@ -233,8 +241,8 @@ class _Standardize(torch.autograd.Function):
         """The gradients as a graph (second-order gradients, Hessians): autograd through
         :func:`_plain_standardize` on the inputs, which computes the same values."""
         weight, scale, shift = ctx.inputs
-        if any(t is not None and t._version != v for t, v in zip(ctx.inputs, ctx.versions,
-                                                                 strict=True)):
+        if any(v is not None and _version(t) != v for t, v in zip(ctx.inputs, ctx.versions,
+                                                                  strict=True)):
             raise RuntimeError("one of the variables needed for gradient computation has been "
                                "modified by an inplace operation: a WS layer's weight (or gain) "
                                "changed between the forward and a create_graph=True backward, "
