@@ -1108,3 +1108,19 @@ def test_factory_source_of_a_package_submodule_and_package_precedence(
     (tmp_path / "dup.py").write_text("")
     monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])
     assert factory_source("dup:build") == tmp_path / "dup" / "__init__.py"
+
+
+def test_factory_source_of_a_compiled_only_module(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import py_compile
+
+    from wsconvert.io.spec import factory_source
+
+    (tmp_path / "src.py").write_text("def build(): pass\n")
+    py_compile.compile(str(tmp_path / "src.py"), cfile=str(tmp_path / "pyconly.pyc"))
+    (tmp_path / "src.py").unlink()
+    monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])
+    assert factory_source("pyconly:build") == tmp_path / "pyconly.pyc"
+    from wsconvert.io.safe import is_dangerous
+
+    assert is_dangerous("_pyio.FileIO")  # the pure-Python io: opens files like io does

@@ -195,4 +195,32 @@ def test_a_buffer_built_in_another_dtype_keeps_it(nets_dir: Path, net_state: Pat
     assert back.gain.dtype == torch.float64  # unedited: as built, not the weights' float32
     wsconvert.save(ws.to(torch.bfloat16), nets_dir / "bf16buf.ws.pt")
     again = wsconvert.load(nets_dir / "bf16buf.ws.pt", model="wsnets:with_f64_buffer")
-    assert again.gain.dtype == torch.float64  # model.to moved it; left as built (finer)
+    assert again.gain.dtype == torch.bfloat16  # model.to moved it: the file says so
+    x = torch.randn(2, 3, 8, 8, dtype=torch.bfloat16)
+    with torch.no_grad():
+        torch.testing.assert_close(again.eval()(x), ws.eval()(x), rtol=0, atol=0)
+    raw = read_checkpoint(nets_dir / "bf16buf.ws.pt")
+    assert raw["buffer_dtypes"] == {"gain": "bfloat16"}
+    raw["buffer_dtypes"] = ["gain"]
+    torch.save(raw, nets_dir / "badbuf.ws.pt")
+    with pytest.raises(CheckpointError, match="buffer dtypes"):
+        wsconvert.load(nets_dir / "badbuf.ws.pt", model="wsnets:with_f64_buffer")
+
+
+def test_settings_of_subclassed_torch_layers_count(nets_dir: Path) -> None:
+    """A subclass of a torch layer has torch's settings (stride, eps), judged as torch prints
+    them: changing one after the build is an edit."""
+    from wsconvert.io.arch import current_arch, set_arch
+
+    class MyConv(nn.Conv2d):
+        def extra_repr(self) -> str:  # prints something learned: not a setting
+            return f"norm={float(self.weight.norm()):.3f}"
+
+    net = nn.Sequential(MyConv(3, 4, 3), nn.ReLU())
+    ws = wsconvert.apply_ws(net).model
+    set_arch(ws, {"kind": "factory", "factory": "x:y", "kwargs": {}})
+    with torch.no_grad():
+        ws[0].parametrizations.weight.original.mul_(2)
+    assert current_arch(ws) is not None  # its own extra_repr changed: not an edit
+    ws[0].stride = (2, 2)
+    assert current_arch(ws) is None

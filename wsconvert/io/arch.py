@@ -77,12 +77,14 @@ def structure(model: nn.Module) -> tuple[tuple[Any, ...], ...]:
 
 
 def _settings(cls: type, module: nn.Module) -> str:
-    """A torch layer's settings (``extra_repr``: a BatchNorm's eps, a conv's stride). Not for
-    containers (ParameterList prints dtypes and devices) nor for other code's modules, whose
-    ``extra_repr`` may show learned values or counters."""
-    owner = cls.__module__
-    if owner.startswith("torch.nn.modules.") and owner != "torch.nn.modules.container":
-        return module.extra_repr()
+    """A torch layer's settings (a BatchNorm's eps, a conv's stride), as torch's own
+    ``extra_repr`` prints them, for subclasses too (one that overrides it may print learned
+    values or counters). Containers (ParameterList prints dtypes and devices) and other code's
+    modules have none."""
+    for base in cls.__mro__:
+        owner = base.__module__
+        if owner.startswith("torch.nn.modules.") and owner != "torch.nn.modules.container":
+            return cast(str, base.extra_repr(module))  # type: ignore[attr-defined]
     return ""
 
 

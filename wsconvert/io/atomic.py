@@ -281,9 +281,11 @@ def _signals_held() -> Iterator[None]:
         yield
         return
     held: list[int] = []
-    # A disposition set outside Python (getsignal gives None) cannot be put back: left alone.
+    # Only signals a Python handler receives (the command line installs one for each): the
+    # default and ignore dispositions, and ones set outside Python, are left as they are (Python
+    # cannot tell what C code set, nor put it back).
     previous = {sig: signal.signal(sig, lambda signum, frame: held.append(signum))
-                for sig in _HELD_SIGNALS if signal.getsignal(sig) is not None}
+                for sig in _HELD_SIGNALS if callable(signal.getsignal(sig))}
     try:
         yield
     finally:

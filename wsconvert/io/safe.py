@@ -48,7 +48,7 @@ SAFETENSORS_METADATA_KEY = "_metadata"
 _DANGEROUS_MODULES = ("os", "posix", "nt", "subprocess", "_posixsubprocess", "sys", "shutil",
                       "socket", "importlib", "runpy", "pty", "code", "codeop", "pickle",
                       "_pickle", "marshal", "ctypes", "webbrowser", "multiprocessing", "tempfile",
-                      "asyncio", "signal", "builtins", "io", "_io", "codecs", "cProfile",
+                      "asyncio", "signal", "builtins", "io", "_io", "_pyio", "codecs", "cProfile",
                       "profile", "timeit", "pdb", "bdb", "trace", "pydoc", "inspect", "types",
                       "gc", "operator", "threading", "_thread", "concurrent", "urllib", "http",
                       "ftplib", "smtplib", "xmlrpc", "zipimport", "pkgutil", "dill",

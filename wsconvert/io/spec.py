@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.machinery
 import importlib.util
 import json
 import os
@@ -66,18 +67,20 @@ def factory_source(spec: str | None) -> Path | None:
         return Path(origin) if origin else None
     parts = module_name.split(".")
     roots = [Path(entry or ".") for entry in [*sys.path, os.getcwd()]]
-    # Import finders (editable installs) say where a top-level module or package is; asking
-    # runs no code (asking about ``pkg.sub`` would import ``pkg``, so its folder is searched).
+    # Python's own finders (editable installs included) say where a top-level module or package
+    # is; asking runs no code (asking about ``pkg.sub`` would import ``pkg``, so its folder is
+    # searched instead).
     with contextlib.suppress(Exception):
         found = importlib.util.find_spec(parts[0])
+        if found is not None and len(parts) == 1 and found.origin and Path(found.origin).is_file():
+            return Path(found.origin)  # .py, .pyc or an extension module
         if found is not None and found.submodule_search_locations:
-            roots += [Path(p).parent for p in found.submodule_search_locations]
-        elif found is not None and found.origin and len(parts) == 1:
-            roots.append(Path(found.origin).parent)
+            roots = [Path(p).parent for p in found.submodule_search_locations] + roots
+    suffixes = importlib.machinery.all_suffixes()
     for root in roots:
         base = root.joinpath(*parts)
         # A package wins over a module of the same name, as in Python's own finder.
-        for candidate in (base / "__init__.py", base.with_suffix(".py")):
+        for candidate in (base / "__init__.py", *(base.with_name(base.name + x) for x in suffixes)):
             if candidate.is_file():
                 return candidate
     return None

@@ -237,27 +237,23 @@ def _build(arch: Mapping[str, Any], path: Path) -> nn.Module:
     return net
 
 
-def _match_dtypes(net: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+def _match_dtypes(net: nn.Module, state: Mapping[str, torch.Tensor],
+                  buffer_dtypes: Mapping[str, str]) -> None:
     """Give the rebuilt model's floating parameters and buffers the dtypes they were saved in
     (a model cast to bfloat16 comes back in bfloat16; ``load_state_dict`` would cast the values
-    to the factory's dtype)."""
+    to the factory's dtype). Buffers the state dict leaves out (non-persistent) take the dtype
+    the file records for them."""
     own = {**dict(net.named_parameters(remove_duplicate=False)),
            **dict(net.named_buffers(remove_duplicate=False))}
-    built = {t.dtype for k, t in own.items() if k in state and t.is_floating_point()}
-    for key, saved in state.items():
+    wanted = {k: v.dtype for k, v in state.items() if v.is_floating_point()}
+    for key, name in buffer_dtypes.items():
+        dtype = getattr(torch, name, None)
+        if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+            wanted.setdefault(key, dtype)
+    for key, dtype in wanted.items():
         t = own.get(key)
-        if (t is not None and t.dtype != saved.dtype and t.is_floating_point()
-                and saved.is_floating_point()):
-            t.data = t.data.to(saved.dtype)
-    # Tensors the state dict leaves out (non-persistent buffers) follow when the whole model
-    # went from one dtype to another (model.to(dtype)); a buffer the factory builds in another
-    # dtype than the rest stays as built.
-    dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
-    if len(built) == 1 and len(dtypes) == 1 and built != dtypes:
-        (was,), (dtype,) = built, dtypes
-        for key, t in own.items():
-            if key not in state and t.dtype == was:
-                t.data = t.data.to(dtype)
+        if t is not None and t.is_floating_point() and t.dtype != dtype:
+            t.data = t.data.to(dtype)
 
 
 def _load_ws(obj: Mapping[str, Any], path: Path, model: str | None = None,
@@ -289,7 +285,12 @@ def _load_ws(obj: Mapping[str, Any], path: Path, model: str | None = None,
             detail = str(exc).replace("`", "")
             raise CheckpointError(f"{path}: its recorded architecture cannot be rebuilt: "
                                   f"{detail}") from None
-        _match_dtypes(net, state)
+        buffer_dtypes = obj.get("buffer_dtypes") or {}
+        if not isinstance(buffer_dtypes, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in buffer_dtypes.items()):
+            raise CheckpointError(f"{path}: wsconvert checkpoint is malformed: the buffer dtypes "
+                                  "are not a mapping of names")
+        _match_dtypes(net, state, buffer_dtypes)
         load_state_dict_strict(net, state, str(path))
     elif arch.get("kind") == "pickle" and isinstance(obj.get("module"), nn.Module):
         if model is not None:
@@ -382,6 +383,13 @@ def ws_payload(model: nn.Module) -> dict[str, Any]:
         payload["module"] = base
         state = rekeyed(state, lambda k: None if k in base_keys or k.endswith(
             ".parametrizations.weight.original") else k)
+    else:
+        # Buffers a state dict leaves out (non-persistent) are rebuilt by the factory: their
+        # dtype (model.to(dtype) moved them) is recorded beside it.
+        payload["buffer_dtypes"] = {
+            k: str(v.dtype).replace("torch.", "")
+            for k, v in model.named_buffers(remove_duplicate=False)
+            if k not in state and v.is_floating_point()}
     # A state dict keeps values, not which parameters were frozen (nor does restoring WS on a
     # pickled base, which makes gains afresh): recorded beside it.
     payload["frozen"] = sorted(k for k, v in model.named_parameters(remove_duplicate=False)
