@@ -201,10 +201,11 @@ def test_a_buffer_built_in_another_dtype_keeps_it(nets_dir: Path, net_state: Pat
         torch.testing.assert_close(again.eval()(x), ws.eval()(x), rtol=0, atol=0)
     raw = read_checkpoint(nets_dir / "bf16buf.ws.pt")
     assert raw["buffer_dtypes"] == {"gain": "bfloat16"}
-    raw["buffer_dtypes"] = ["gain"]
-    torch.save(raw, nets_dir / "badbuf.ws.pt")
-    with pytest.raises(CheckpointError, match="buffer dtypes"):
-        wsconvert.load(nets_dir / "badbuf.ws.pt", model="wsnets:with_f64_buffer")
+    for bad in (["gain"], {"gain": "load"}, {"gain": "int64"}):  # "load": never looked up
+        raw["buffer_dtypes"] = bad
+        torch.save(raw, nets_dir / "badbuf.ws.pt")
+        with pytest.raises(CheckpointError, match="buffer dtypes"):
+            wsconvert.load(nets_dir / "badbuf.ws.pt", model="wsnets:with_f64_buffer")
 
 
 def test_settings_of_subclassed_torch_layers_count(nets_dir: Path) -> None:

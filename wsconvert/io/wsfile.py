@@ -199,8 +199,14 @@ def _upgrade(arch: dict[str, Any]) -> dict[str, Any]:
     return arch
 
 
+_FLOAT_DTYPES = {str(d).replace("torch.", ""): d for d in (
+    torch.float16, torch.bfloat16, torch.float32, torch.float64)}
+"""The dtype names a checkpoint's ``buffer_dtypes`` may hold (read through this table, never
+looked up on ``torch`` by a name the file gives)."""
+
+
 def _check_shapes(arch: Mapping[str, Any], configs: Mapping[str, Any], state: Any,
-                  path: Path) -> None:
+                  path: Path, extra: Mapping[str, Any]) -> None:
     """Refuse records whose parts have the wrong type (an edited or corrupted file).
 
     Raises:
@@ -224,6 +230,13 @@ def _check_shapes(arch: Mapping[str, Any], configs: Mapping[str, Any], state: An
     if not isinstance(state, Mapping) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise bad("the state dict does not map names to tensors")
+    frozen = extra.get("frozen") or []
+    if not isinstance(frozen, list) or not all(isinstance(k, str) for k in frozen):
+        raise bad("the frozen parameters are not a list of names")
+    buffer_dtypes = extra.get("buffer_dtypes") or {}
+    if not isinstance(buffer_dtypes, Mapping) or not all(
+            isinstance(k, str) and v in _FLOAT_DTYPES for k, v in buffer_dtypes.items()):
+        raise bad("the buffer dtypes are not a mapping of names to floating-point dtypes")
 
 
 def _build(arch: Mapping[str, Any], path: Path) -> nn.Module:
@@ -247,9 +260,7 @@ def _match_dtypes(net: nn.Module, state: Mapping[str, torch.Tensor],
            **dict(net.named_buffers(remove_duplicate=False))}
     wanted = {k: v.dtype for k, v in state.items() if v.is_floating_point()}
     for key, name in buffer_dtypes.items():
-        dtype = getattr(torch, name, None)
-        if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
-            wanted.setdefault(key, dtype)
+        wanted.setdefault(key, _FLOAT_DTYPES[name])
     for key, dtype in wanted.items():
         t = own.get(key)
         if t is not None and t.is_floating_point() and t.dtype != dtype:
@@ -273,7 +284,7 @@ def _load_ws(obj: Mapping[str, Any], path: Path, model: str | None = None,
     except (KeyError, TypeError, ValueError):
         raise CheckpointError(f"{path}: wsconvert checkpoint is incomplete") from None
     arch = _upgrade(arch)  # a format-1 record, in whatever file it comes
-    _check_shapes(arch, configs, state, path)
+    _check_shapes(arch, configs, state, path, obj)
     if arch.get("kind") == "factory":
         _consent(arch, path, model, model_kwargs, trust)
         try:
@@ -285,12 +296,7 @@ def _load_ws(obj: Mapping[str, Any], path: Path, model: str | None = None,
             detail = str(exc).replace("`", "")
             raise CheckpointError(f"{path}: its recorded architecture cannot be rebuilt: "
                                   f"{detail}") from None
-        buffer_dtypes = obj.get("buffer_dtypes") or {}
-        if not isinstance(buffer_dtypes, Mapping) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in buffer_dtypes.items()):
-            raise CheckpointError(f"{path}: wsconvert checkpoint is malformed: the buffer dtypes "
-                                  "are not a mapping of names")
-        _match_dtypes(net, state, buffer_dtypes)
+        _match_dtypes(net, state, obj.get("buffer_dtypes") or {})
         load_state_dict_strict(net, state, str(path))
     elif arch.get("kind") == "pickle" and isinstance(obj.get("module"), nn.Module):
         if model is not None:
@@ -308,12 +314,8 @@ def _load_ws(obj: Mapping[str, Any], path: Path, model: str | None = None,
             raise CheckpointError(f"{path}: wsconvert checkpoint does not fit its own module")
     else:
         raise CheckpointError(f"{path}: wsconvert checkpoint has an unknown architecture record")
-    frozen = obj.get("frozen") or []
-    if not isinstance(frozen, list) or not all(isinstance(k, str) for k in frozen):
-        raise CheckpointError(f"{path}: wsconvert checkpoint is malformed: the frozen "
-                              "parameters are not a list of names")
     params = dict(net.named_parameters(remove_duplicate=False))
-    for name in frozen:
+    for name in obj.get("frozen") or []:
         if name in params:
             params[name].requires_grad_(False)
     set_arch(net, arch)
@@ -389,7 +391,7 @@ def ws_payload(model: nn.Module) -> dict[str, Any]:
         payload["buffer_dtypes"] = {
             k: str(v.dtype).replace("torch.", "")
             for k, v in model.named_buffers(remove_duplicate=False)
-            if k not in state and v.is_floating_point()}
+            if k not in state and str(v.dtype).replace("torch.", "") in _FLOAT_DTYPES}
     # A state dict keeps values, not which parameters were frozen (nor does restoring WS on a
     # pickled base, which makes gains afresh): recorded beside it.
     payload["frozen"] = sorted(k for k, v in model.named_parameters(remove_duplicate=False)
