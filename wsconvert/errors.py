@@ -49,7 +49,14 @@ class CheckpointError(WsconvertError):
 
 
 class UntrustedCheckpointError(CheckpointError):
-    """A checkpoint that would run code when loaded, and ``trust`` was not given."""
+    """A checkpoint that would run code when loaded, and ``trust`` was not given.
+
+    ``finding`` is what loading would do, without the advice on how to allow it (a caller that
+    never loads with trust, such as the input-file reader, gives its own)."""
+
+    def __init__(self, finding: str, advice: str) -> None:
+        super().__init__(f"{finding}; {advice}")
+        self.finding = finding
 
 
 class InputsError(CheckpointError, UsageError):

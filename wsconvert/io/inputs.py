@@ -136,9 +136,8 @@ def _read(p: Path, name: str) -> Any:
             return read_checkpoint(p)
     except UntrustedCheckpointError as exc:
         # Never loaded with trust (the flag is for the model): say what an input file may hold.
-        what = str(exc).split(";")[0]
-        raise InputsError(f"`{name}` {what}; input files hold tensors only (a tensor, or a "
-                          "tuple / list / dict of tensors), read without running code") from None
+        raise InputsError(f"`{name}` {exc.finding}; input files hold tensors only (a tensor, or "
+                          "a tuple / list / dict of tensors), read without running code") from None
     except CheckpointError as exc:
         raise InputsError(f"`{name}` {exc}") from None
     try:

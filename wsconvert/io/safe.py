@@ -245,11 +245,11 @@ def _untrusted(path: Path, names: Sequence[str]) -> UntrustedCheckpointError:
     if dangerous:
         return UntrustedCheckpointError(
             f"{path}: loading would call {', '.join(dangerous[:3])}, which runs commands or "
-            f"code (it imports {shown}); this is not what a model checkpoint needs: pass "
+            f"code (it imports {shown})", "this is not what a model checkpoint needs: pass "
             "`trust=True` only if you made this file yourself")
     return UntrustedCheckpointError(
-        f"{path}: loading would import {shown} (unpickling runs code); pass `trust=True` if you "
-        "trust this file, or `allow_classes=[MODULE.CLASS]` for each class")
+        f"{path}: loading would import {shown} (unpickling runs code)", "pass `trust=True` if "
+        "you trust this file, or `allow_classes=[MODULE.CLASS]` for each class")
 
 
 @contextlib.contextmanager

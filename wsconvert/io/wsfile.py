@@ -184,7 +184,7 @@ def _consent(arch: Mapping[str, Any], path: Path, model: str | None,
     shown = f"{factory}(**{recorded})" if recorded else factory
     raise UntrustedCheckpointError(
         f"{path}: rebuilding its model calls {shown}, a factory named in the file (running it "
-        f"runs that module's code); pass `model='{factory}'` to consent if you trust it, or "
+        f"runs that module's code)", f"pass `model='{factory}'` to consent if you trust it, or "
         "`trust=True`")
 
 
