@@ -46,17 +46,16 @@ def structure(model: nn.Module) -> tuple[tuple[Any, ...], ...]:
     WS is left out (the checkpoint records it per layer): a WS layer counts as its plain class
     with its ``weight``. Any other parametrization counts, since the factory does not make it."""
     # WS layers whose weight carries nothing else: a parametrization stacked on WS counts.
-    ws_names: list[str] = [name for name, m in model.named_modules()
-                           if ws_parametrization(m) is not None
-                           and len(cast(Any, m).parametrizations) == 1
-                           and len(cast(Any, m).parametrizations["weight"]) == 1]
-    prefixes = [f"{n}.parametrizations" if n else "parametrizations" for n in ws_names]
+    ws_names = {name for name, m in model.named_modules()
+                if ws_parametrization(m) is not None
+                and len(cast(Any, m).parametrizations) == 1
+                and len(cast(Any, m).parametrizations["weight"]) == 1}
 
     def inside_ws(name: str) -> str | None:
         """The WS layer whose parametrization ``name`` (a module or a key) belongs to."""
-        for layer, prefix in zip(ws_names, prefixes, strict=True):
-            if name == prefix or name.startswith(f"{prefix}."):
-                return layer
+        layer, sep, rest = f".{name}".partition(".parametrizations")
+        if sep and (not rest or rest.startswith(".")) and layer[1:] in ws_names:
+            return layer[1:]
         return None
 
     modules = []
