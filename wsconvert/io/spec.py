@@ -53,10 +53,12 @@ def parse_kwargs(kwargs: Mapping[str, Any] | str | None) -> dict[str, Any]:
 
 
 def factory_source(spec: str | None) -> Path | None:
-    """The file that defines the module of a ``MODULE:FACTORY`` spec, found on ``sys.path``
-    (and the current directory, last, as :func:`build_model` imports it) without importing
-    anything; ``None`` for the bundled zoo short forms or when none is found. An input of the
-    run: no output may replace the code that builds the model."""
+    """The file that defines the module of a ``MODULE:FACTORY`` spec, without importing it: the
+    loaded module's file, else Python's own finder's answer for the top-level name (editable
+    installs included), else a search of the package's folders, ``sys.path`` and the current
+    directory (last, as :func:`build_model` imports it). ``None`` for the zoo short forms or
+    when none is found. An input of the run: no output may replace the code that builds the
+    model."""
     if spec is None:
         return None
     module_name = spec.partition(":")[0]
